@@ -1,0 +1,413 @@
+"""The in-memory registry: instances by service, and every DNS answer pre-built.
+
+The watcher hands batches of store events to `Cache.apply`; a full load builds a new
+`CacheState` and swaps it in whole. Both run without awaiting, so a query always sees
+one consistent state. Per batch only the names of changed instances, services and
+addresses are rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .dns.records import (
+    AAAA,
+    NS,
+    PTR,
+    RR,
+    SOA,
+    SRV,
+    TXT,
+    A,
+    Answer,
+    Negative,
+    Soa,
+    Srv,
+    name_to_wire,
+)
+from .model import Instance, InstanceKey, decode_registration
+from .store.base import Event, EventType, KeyValue, Snapshot
+
+log = logging.getLogger(__name__)
+
+REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
+DNS_SCHEMA_VERSION = "1.1.0"
+TYPE_KEYS = {t: t.to_bytes(2, "big") for t in (A, NS, SOA, PTR, TXT, AAAA, SRV)}
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    zones: tuple[str, ...]
+    dns_ttl: int
+    negative_ttl: int
+    ns_address: str | None = None  # glue for ns.dns.<zone> when the listener has one
+
+
+@dataclass(slots=True)
+class Zone:
+    name: str
+    wire: bytes
+    negative: Negative
+
+    @property
+    def labels(self) -> tuple[bytes, ...]:
+        return tuple(label.encode() for label in self.name.split("."))
+
+
+@dataclass(slots=True)
+class Node:
+    """A name that exists: its zone and its answers keyed by 2-byte qtype (empty: an ENT)."""
+
+    zone: Zone
+    types: dict[bytes, Answer]
+
+
+ServiceKey = tuple[str, str]
+
+
+@dataclass
+class CacheState:
+    """Everything one registry revision answers with. Mutated only by `Cache`."""
+
+    settings: DnsSettings
+    zones: list[Zone] = field(default_factory=list)
+    names: dict[bytes, Node] = field(default_factory=dict)
+    services: dict[ServiceKey, dict[str, Instance]] = field(default_factory=dict)
+    by_address: dict[str, dict[InstanceKey, Instance]] = field(default_factory=dict)
+    keys: dict[bytes, InstanceKey] = field(default_factory=dict)
+    service_revision: dict[ServiceKey, int] = field(default_factory=dict)
+    revision: int = 0
+    # names owned by an instance, a service (its own names) and an address (its PTR)
+    _owned: dict[object, list[bytes]] = field(default_factory=dict)
+    _ent_refs: dict[bytes, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for zone_name in (*self.settings.zones, *REVERSE_ZONES):
+            zone = Zone(zone_name, name_to_wire(zone_name), self._negative(zone_name))
+            self.zones.append(zone)
+        self.zones.sort(key=lambda z: -len(z.wire))
+        self._build_static()
+
+    # zone data
+
+    def forward_zones(self) -> list[Zone]:
+        return [zone for zone in self.zones if zone.name not in REVERSE_ZONES]
+
+    def zone_of(self, name: str) -> Zone | None:
+        for zone in self.zones:
+            if name == zone.name or name.endswith("." + zone.name):
+                return zone
+        return None
+
+    def _soa(self, zone: str) -> RR:
+        settings = self.settings
+        apex = settings.zones[0]
+        soa = Soa(
+            f"ns.dns.{apex}",
+            f"hostmaster.{apex}",
+            self.revision % 2**32,
+            minimum=settings.negative_ttl,
+        )
+        return RR(zone, SOA, settings.negative_ttl, soa)
+
+    def _negative(self, zone: str) -> Negative:
+        return Negative.build(self._soa(zone))
+
+    def _build_static(self) -> None:
+        ttl = self.settings.dns_ttl
+        for zone in self.zones:
+            self._set(zone.name, zone, self._apex_types(zone))
+            if zone.name in REVERSE_ZONES:
+                continue
+            ns_name = f"ns.dns.{zone.name}"
+            ns_types: dict[int, tuple[RR, ...]] = {}
+            if self.settings.ns_address:
+                address = self.settings.ns_address
+                rtype = AAAA if ":" in address else A
+                ns_types[rtype] = (RR(ns_name, rtype, ttl, address),)
+            self._set(ns_name, zone, ns_types)
+            self._set(f"dns.{zone.name}", zone, {})
+            self._set(f"svc.{zone.name}", zone, {})
+            version = f"dns-version.{zone.name}"
+            self._set(version, zone, {TXT: (RR(version, TXT, ttl, (DNS_SCHEMA_VERSION,)),)})
+
+    def _apex_types(self, zone: Zone) -> dict[int, tuple[RR, ...]]:
+        apex = self.settings.zones[0]
+        return {
+            SOA: (self._soa(zone.name),),
+            NS: (RR(zone.name, NS, self.settings.dns_ttl, f"ns.dns.{apex}"),),
+        }
+
+    def _set(
+        self,
+        name: str,
+        zone: Zone,
+        types: dict[int, tuple[RR, ...]],
+        additional: dict[int, tuple[RR, ...]] | None = None,
+    ) -> bytes:
+        wire = name_to_wire(name)
+        extra = additional or {}
+        self.names[wire] = Node(
+            zone,
+            {TYPE_KEYS[t]: Answer.build(name, rrs, extra.get(t, ())) for t, rrs in types.items()},
+        )
+        return wire
+
+    def _apex_glue(self, zone: Zone) -> dict[int, tuple[RR, ...]]:
+        node = self.names.get(name_to_wire(f"ns.dns.{self.settings.zones[0]}"))
+        if node is None:
+            return {}
+        glue = tuple(rr for answer in node.types.values() for rr in answer.answer)
+        return {NS: glue}
+
+    def finish(self, revision: int) -> None:
+        """Stamp the revision: SOA serials and negative answers carry it."""
+        self.revision = revision
+        for zone in self.zones:
+            zone.negative = self._negative(zone.name)
+            self._set(zone.name, zone, self._apex_types(zone), self._apex_glue(zone))
+
+    # ownership: every name belongs to one owner, ancestors are reference-counted
+
+    def _release(self, owner: object) -> None:
+        for wire in self._owned.pop(owner, ()):
+            if wire in self._ent_refs:
+                self._ent_refs[wire] -= 1
+                if self._ent_refs[wire] == 0:
+                    del self._ent_refs[wire]
+                    del self.names[wire]
+            else:
+                self.names.pop(wire, None)
+
+    def _ent(self, name: str, zone: Zone) -> bytes:
+        wire = name_to_wire(name)
+        count = self._ent_refs.get(wire, 0)
+        if count == 0:
+            if wire in self.names:  # a static name (svc.<zone>): never released
+                return b""
+            self.names[wire] = Node(zone, {})
+        self._ent_refs[wire] = count + 1
+        return wire
+
+    # instances
+
+    def put(self, kv: KeyValue, prefix: str) -> tuple[ServiceKey, set[str]] | None:
+        key = InstanceKey.from_store_key(prefix, kv.key)
+        spec = decode_registration(kv.value) if key is not None else None
+        if key is None or spec is None:
+            log.warning("ignoring store key %r: not an instance record", kv.key)
+            return None
+        old = self._remove(kv.key)
+        instance = Instance(key, spec, kv.lease, kv.mod_revision)
+        self.keys[kv.key] = key
+        self.services.setdefault(key.service_key, {})[key.name] = instance
+        self.by_address.setdefault(spec.address, {})[key] = instance
+        self._build_instance(instance)
+        addresses = {spec.address}
+        if old is not None:
+            addresses.add(old.spec.address)
+        self.service_revision[key.service_key] = kv.mod_revision
+        return key.service_key, addresses
+
+    def delete(self, store_key: bytes, revision: int) -> tuple[ServiceKey, set[str]] | None:
+        old = self._remove(store_key)
+        if old is None:
+            return None
+        self.service_revision[old.key.service_key] = revision
+        return old.key.service_key, {old.spec.address}
+
+    def _remove(self, store_key: bytes) -> Instance | None:
+        key = self.keys.pop(store_key, None)
+        if key is None:
+            return None
+        instances = self.services[key.service_key]
+        old = instances.pop(key.name)
+        if not instances:
+            del self.services[key.service_key]
+        holders = self.by_address[old.spec.address]
+        del holders[key]
+        if not holders:
+            del self.by_address[old.spec.address]
+        self._release(key)
+        return old
+
+    def _ttl(self, instance: Instance) -> int:
+        return min(self.settings.dns_ttl, instance.spec.ttl)
+
+    def _address_rr(self, name: str, instance: Instance, ttl: int | None = None) -> RR:
+        rtype = AAAA if instance.is_ipv6 else A
+        return RR(name, rtype, self._ttl(instance) if ttl is None else ttl, instance.spec.address)
+
+    def _build_instance(self, instance: Instance) -> None:
+        owned = []
+        for zone in self.forward_zones():
+            fqdn = instance_name(instance.key, zone.name)
+            rr = self._address_rr(fqdn, instance)
+            owned.append(self._set(fqdn, zone, {rr.rtype: (rr,)}))
+        self._owned[instance.key] = owned
+
+    def rebuild_service(self, service: ServiceKey) -> None:
+        self._release(("service", service))
+        instances = sorted(self.services.get(service, {}).values(), key=lambda i: i.key.name)
+        if not instances:
+            return
+        ns, svc = service
+        owned: list[bytes] = []
+        for zone in self.forward_zones():
+            base = f"{svc}.{ns}.svc.{zone.name}"
+            by_type: dict[int, list[Instance]] = defaultdict(list)
+            srv_by_port: dict[tuple[str, str], list[tuple[Instance, int]]] = defaultdict(list)
+            for instance in instances:
+                by_type[AAAA if instance.is_ipv6 else A].append(instance)
+                for port in instance.spec.ports:
+                    srv_by_port[(port.name, port.protocol)].append((instance, port.port))
+            types: dict[int, tuple[RR, ...]] = {}
+            for rtype, group in by_type.items():
+                ttl = min(self._ttl(i) for i in group)
+                types[rtype] = tuple(self._address_rr(base, i, ttl) for i in group)
+            all_srv = [pair for pairs in srv_by_port.values() for pair in pairs]
+            extra: dict[int, tuple[RR, ...]] = {}
+            if all_srv:
+                types[SRV], extra[SRV] = self._srv(base, all_srv, zone.name)
+            owned.append(self._set(base, zone, types, extra))
+            protocols = set()
+            for (port_name, protocol), pairs in sorted(srv_by_port.items()):
+                name = f"_{port_name}._{protocol}.{base}"
+                srv, glue = self._srv(name, pairs, zone.name)
+                owned.append(self._set(name, zone, {SRV: srv}, {SRV: glue}))
+                protocols.add(protocol)
+            for protocol in sorted(protocols):
+                owned.append(self._set(f"_{protocol}.{base}", zone, {}))
+            if wire := self._ent(f"{ns}.svc.{zone.name}", zone):
+                owned.append(wire)
+        self._owned[("service", service)] = owned
+
+    def _srv(
+        self, name: str, pairs: list[tuple[Instance, int]], zone: str
+    ) -> tuple[tuple[RR, ...], tuple[RR, ...]]:
+        ttl = min(self._ttl(i) for i, _ in pairs)
+        records = []
+        glue: dict[str, RR] = {}
+        for instance, port in sorted(pairs, key=lambda p: (p[0].key.name, p[1])):
+            target = instance_name(instance.key, zone)
+            spec = instance.spec
+            records.append(RR(name, SRV, ttl, Srv(spec.priority, spec.weight, port, target)))
+            glue.setdefault(target, self._address_rr(target, instance))
+        return tuple(records), tuple(glue.values())
+
+    def rebuild_address(self, address: str) -> None:
+        self._release(("address", address))
+        holders = self.by_address.get(address)
+        if not holders:
+            return
+        reverse = ipaddress.ip_address(address).reverse_pointer
+        zone = self.zone_of(reverse)
+        assert zone is not None
+        apex = self.settings.zones[0]
+        ttl = min(self._ttl(i) for i in holders.values())
+        targets = sorted(instance_name(key, apex) for key in holders)
+        owned = [self._set(reverse, zone, {PTR: tuple(RR(reverse, PTR, ttl, t) for t in targets)})]
+        labels = reverse.split(".")
+        for depth in range(1, len(labels) - len(zone.name.split("."))):
+            if wire := self._ent(".".join(labels[depth:]), zone):
+                owned.append(wire)
+        self._owned[("address", address)] = owned
+
+
+def instance_name(key: InstanceKey, zone: str) -> str:
+    return f"{key.name}.{key.service}.{key.namespace}.svc.{zone}"
+
+
+class Cache:
+    """The registry every replica answers from, and the signals around it."""
+
+    def __init__(self, settings: DnsSettings, prefix: str) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.state = CacheState(settings)
+        self.synced = False
+        self.last_contact = 0.0  # monotonic time of the last word from the store
+        self.store_healthy = False
+        self._changed: asyncio.Future[None] | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.state.revision
+
+    def load(self, snapshot: Snapshot) -> None:
+        """Replace everything with a full load taken at one revision."""
+        state = CacheState(self.settings)
+        services: set[ServiceKey] = set()
+        addresses: set[str] = set()
+        for kv in snapshot.items:
+            if touched := state.put(kv, self.prefix):
+                services.add(touched[0])
+                addresses |= touched[1]
+        self._finish(state, services, addresses, snapshot.revision)
+        for service in state.services:
+            state.service_revision[service] = snapshot.revision
+        self.state = state
+        self.synced = True
+        self._notify()
+
+    def apply(self, events: Iterable[Event]) -> None:
+        state = self.state
+        services: set[ServiceKey] = set()
+        addresses: set[str] = set()
+        revision = state.revision
+        for event in events:
+            if event.mod_revision <= state.revision:
+                continue  # already part of the loaded state
+            revision = max(revision, event.mod_revision)
+            if event.type is EventType.PUT:
+                kv = KeyValue(event.key, event.value, event.mod_revision, event.lease)
+                touched = state.put(kv, self.prefix)
+            else:
+                touched = state.delete(event.key, event.mod_revision)
+            if touched:
+                services.add(touched[0])
+                addresses |= touched[1]
+        if revision == state.revision:
+            return
+        self._finish(state, services, addresses, revision)
+        self._notify()
+
+    @staticmethod
+    def _finish(state: CacheState, services: set[ServiceKey], addresses: set[str], rev: int) -> None:
+        for service in services:
+            state.rebuild_service(service)
+        for address in addresses:
+            state.rebuild_address(address)
+        state.finish(rev)
+
+    def mark_contact(self, healthy: bool) -> None:
+        self.store_healthy = healthy
+        if healthy:
+            self.last_contact = time.monotonic()
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() holds or the timeout passes; returns predicate()."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if self._changed is None:
+                self._changed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+            except TimeoutError:
+                return predicate()
+        return True

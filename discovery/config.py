@@ -1,0 +1,105 @@
+"""One frozen Config, validated once when the process starts."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An option has a value the server cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> HostPort:
+        """Parse HOST:PORT, [V6]:PORT, or (with a default port) a bare host."""
+        text = text.strip()
+        host, sep, port_text = text.rpartition(":")
+        if text.startswith("[") and "]" in text:
+            inside, _, rest = text[1:].partition("]")
+            host, port_text = inside, rest[1:] if rest.startswith(":") else ""
+            sep = ":" if port_text else ""
+        elif not sep or ":" in host:  # bare host, or a bare IPv6 address
+            host, port_text = text, ""
+        if not port_text:
+            if default_port is None:
+                raise ConfigError(f"{text!r}: expected HOST:PORT")
+            port_text = str(default_port)
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"{text!r}: port is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{text!r}: port out of range")
+        if not host:
+            raise ConfigError(f"{text!r}: missing host")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def normalize_zone(zone: str) -> str:
+    name = zone.strip().strip(".").lower()
+    labels = name.split(".")
+    if not name or any(not label or len(label) > 63 for label in labels) or len(name) > 253:
+        raise ConfigError(f"{zone!r} is not a valid zone name")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8053))
+    http: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
+    zones: tuple[str, ...] = ("cluster.local",)
+    etcd: tuple[HostPort, ...] = ()
+    etcd_prefix: str = "/discovery/"
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
+    etcd_dial_timeout: float = 5.0
+    etcd_request_timeout: float = 5.0
+    dns_ttl: int = 5
+    negative_ttl: int = 5
+    min_ttl: int = 2
+    max_ttl: int = 86400
+    upstream: tuple[HostPort, ...] = ()
+    workers: int = 1
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.zones:
+            raise ConfigError("at least one zone is needed")
+        if len(set(self.zones)) != len(self.zones):
+            raise ConfigError("a zone is listed twice")
+        for zone in self.zones:
+            if normalize_zone(zone) != zone:
+                raise ConfigError(f"zone {zone!r} must be lower case without a trailing dot")
+        if not 0 <= self.dns_ttl <= 2**31 - 1 or not 0 <= self.negative_ttl <= 2**31 - 1:
+            raise ConfigError("DNS TTLs must be between 0 and 2^31-1")
+        if not 1 <= self.min_ttl <= self.max_ttl:
+            raise ConfigError("need 1 <= --min-ttl <= --max-ttl")
+        if not self.etcd_prefix.startswith("/") or not self.etcd_prefix.endswith("/"):
+            raise ConfigError("--etcd-prefix must start and end with '/'")
+        if (self.etcd_cert is None) != (self.etcd_key is None):
+            raise ConfigError("--etcd-cert and --etcd-key go together")
+        if (self.etcd_user is None) != (self.etcd_password is None):
+            raise ConfigError("--etcd-user and --etcd-password go together")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        if self.tcp_idle_timeout <= 0 or self.tcp_max_connections < 1:
+            raise ConfigError("TCP idle timeout and connection cap must be positive")
+        for upstream in self.upstream:
+            try:
+                ipaddress.ip_address(upstream.host)
+            except ValueError:
+                raise ConfigError(f"upstream {upstream} must be an IP address") from None

@@ -1,0 +1,315 @@
+"""The resolver: a function of (query bytes, cache state) to response bytes.
+
+`answer` first tries the fast path, which serves the common query shape (one question,
+class IN, at most one OPT record, an answer that fits) from pre-encoded bytes without
+parsing into objects. Anything else goes to `answer_full`, which parses with dnslib and
+applies every rule of the contract; tests check both give the same answers.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dnslib import AAAA as LibAAAA
+from dnslib import EDNS0, DNSHeader, DNSLabel, DNSRecord
+from dnslib import NS as LibNS
+from dnslib import PTR as LibPTR
+from dnslib import RR as LibRR
+from dnslib import SOA as LibSOA
+from dnslib import SRV as LibSRV
+from dnslib import TXT as LibTXT
+from dnslib import A as LibA
+
+from ..cache import Cache, Zone
+from .records import (
+    AAAA,
+    ANY,
+    BADVERS,
+    EDNS_PAYLOAD,
+    FORMERR,
+    IN,
+    NOERROR,
+    NOTIMP,
+    NS,
+    NXDOMAIN,
+    OPT,
+    OPT_RECORD,
+    PTR,
+    REFUSED,
+    RR,
+    SERVFAIL,
+    SOA,
+    SRV,
+    TXT,
+    A,
+    Answer,
+    Soa,
+    Srv,
+)
+
+UDP_MIN = 512
+TCP_MAX = 65535
+_QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
+_ANY_ORDER = (A, AAAA, SRV, PTR, TXT, SOA, NS)
+_ZONE_TRANSFER = (251, 252)  # IXFR, AXFR
+
+
+def _flag_table(rcode: int, aa: bool, ra: bool) -> tuple[bytes, ...]:
+    """The two flag bytes of a response, indexed by the query's RD | CD << 1."""
+    out = []
+    for index in range(4):
+        high = 0x80 | (0x04 if aa else 0) | (index & 1)
+        low = (0x80 if ra else 0) | (0x10 if index & 2 else 0) | rcode
+        out.append(bytes((high, low)))
+    return tuple(out)
+
+
+@dataclass
+class Stats:
+    """Plain counters on the hot path; metrics.py reads them at scrape time."""
+
+    rcodes: Counter[int] = field(default_factory=Counter)
+    fast: int = 0
+    full: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+class Resolver:
+    def __init__(self, cache: Cache, recursion: bool = False) -> None:
+        self.cache = cache
+        self.recursion = recursion
+        self.stats = Stats()
+        self._turn = 0
+        self._ok = _flag_table(NOERROR, True, recursion)
+        self._nx = _flag_table(NXDOMAIN, True, recursion)
+
+    def answer(self, query: bytes, tcp: bool = False) -> bytes | None:
+        """The response to a query, or None when it must be dropped."""
+        response = self._fast(query, tcp)
+        if response is not None:
+            self.stats.fast += 1
+            return response
+        response = self.answer_full(query, tcp)
+        if response is None:
+            self.stats.dropped += 1
+        else:
+            self.stats.full += 1
+            self.stats.rcodes[response[3] & 0x0F] += 1
+        return response
+
+    # fast path
+
+    def _fast(self, q: bytes, tcp: bool) -> bytes | None:
+        size = len(q)
+        if size < 17 or q[2] & 0xF8 or q[4:10] != _QD1 or not self.cache.synced:
+            return None
+        end = q.find(0, 12)
+        qend = end + 5
+        if end < 0 or qend > size or q[end + 3 : qend] != b"\x00\x01":
+            return None
+        arcount = q[10:12]
+        if qend == size and arcount == b"\x00\x00":
+            edns = False
+            limit = UDP_MIN
+        elif (
+            arcount == b"\x00\x01"
+            and size >= qend + 11
+            and q[qend : qend + 3] == b"\x00\x00\x29"
+            and q[qend + 6] == 0
+            and size == qend + 11 + (q[qend + 9] << 8 | q[qend + 10])
+        ):
+            edns = True
+            limit = max(UDP_MIN, q[qend + 3] << 8 | q[qend + 4])
+        else:
+            return None
+        state = self.cache.state
+        name = q[12 : end + 1].lower()
+        node = state.names.get(name)
+        if node is None:
+            zone = self._zone_of_wire(q, end)
+            if zone is None:
+                return None
+            flags = self._nx
+            found: Answer | None = None
+        else:
+            zone = node.zone
+            found = node.types.get(q[end + 1 : end + 3])
+            flags = self._ok
+            if found is None and (q[end + 1] != 0 or not 0 < q[end + 2] < 128):
+                return None  # meta types (ANY, AXFR, ...) take the full path
+        if found is None:
+            negative = zone.negative
+            body = negative.body
+            counts = negative.counts_edns if edns else negative.counts
+        else:
+            bodies = found.bodies
+            if len(bodies) == 1:
+                body = bodies[0]
+            else:
+                self._turn += 1
+                body = bodies[self._turn % len(bodies)]
+            counts = found.counts_edns if edns else found.counts
+        if not tcp and qend + len(body) + (11 if edns else 0) > limit:
+            return None  # needs truncation
+        head = q[:2] + flags[(q[2] & 1) | (q[3] & 0x10) >> 3] + counts
+        if edns:
+            return head + q[12:qend] + body + OPT_RECORD
+        return head + q[12:qend] + body
+
+    def _zone_of_wire(self, q: bytes, end: int) -> Zone | None:
+        """The zone of a well-formed question name ending at `end`, walking its labels."""
+        starts = []
+        i = 12
+        while i < end:
+            length = q[i]
+            if length > 63:
+                return None
+            starts.append(i)
+            i += length + 1
+        if i != end:
+            return None  # a label holds a zero byte: leave it to the full path
+        name = q[12 : end + 1].lower()
+        for zone in self.cache.state.zones:
+            cut = len(name) - len(zone.wire)
+            if name.endswith(zone.wire) and (cut == 0 or cut + 12 in starts):
+                return zone
+        return None
+
+    # full path
+
+    def answer_full(self, q: bytes, tcp: bool = False) -> bytes | None:
+        if len(q) < 12 or q[2] & 0x80:
+            return None
+        try:
+            query = DNSRecord.parse(q)
+        except Exception:  # dnslib raises many types on hostile input
+            return _header_only(q, FORMERR)
+        header = query.header
+        reply = DNSRecord(
+            DNSHeader(id=header.id, qr=1, opcode=header.opcode, rd=header.rd, ra=int(self.recursion))
+        )
+        reply.header.cd = header.cd
+        if header.opcode != 0:
+            return self._finish(reply, query, NOTIMP)
+        opts = [rr for rr in query.ar if rr.rtype == OPT]
+        if len(query.questions) != 1 or len(opts) > 1 or any(o.rname.label for o in opts):
+            return self._finish(reply, query, FORMERR)
+        limit = TCP_MAX if tcp else UDP_MIN
+        if opts:
+            if not tcp:
+                limit = max(UDP_MIN, opts[0].rclass)
+            reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+            if (opts[0].ttl >> 16) & 0xFF:
+                reply.ar[-1].ttl = (BADVERS >> 4) << 24
+                return self._finish(reply, query, NOERROR)
+        question = query.questions[0]
+        reply.add_question(question)
+        if question.qclass != IN:
+            return self._finish(reply, query, REFUSED)
+        labels = tuple(label.lower() for label in question.qname.label)
+        state = self.cache.state
+        zone = _zone_of_labels(state.zones, labels)
+        if zone is None:
+            return self._finish(reply, query, REFUSED)
+        if not self.cache.synced:
+            return self._finish(reply, query, SERVFAIL)
+        if question.qtype in _ZONE_TRANSFER:
+            return self._finish(reply, query, NOTIMP)
+        reply.header.aa = 1
+        wire = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
+        node = state.names.get(wire)
+        if node is None:
+            reply.add_auth(_lib_rr(zone.negative.soa))
+            return self._finish(reply, query, NXDOMAIN, limit)
+        qtype = question.qtype
+        if qtype == ANY:
+            qtype = next((t for t in _ANY_ORDER if t.to_bytes(2, "big") in node.types), ANY)
+        found = node.types.get(qtype.to_bytes(2, "big")) if qtype < 65536 else None
+        if found is None:
+            reply.add_auth(_lib_rr(zone.negative.soa))
+            return self._finish(reply, query, NOERROR, limit)
+        records = found.answer
+        steps = len(found.bodies)
+        if steps > 1:
+            self._turn += 1
+            cut = (self._turn % steps) * len(records) // steps
+            records = records[cut:] + records[:cut]
+        owner = question.qname
+        for rr in records:
+            reply.add_answer(_lib_rr(rr, owner))
+        for rr in found.additional:
+            reply.add_ar(_lib_rr(rr))
+        return self._finish(reply, query, NOERROR, limit)
+
+    def _finish(
+        self, reply: DNSRecord, query: DNSRecord, rcode: int, limit: int = TCP_MAX
+    ) -> bytes:
+        if not reply.questions and rcode in (FORMERR, NOTIMP) and len(query.questions) == 1:
+            reply.add_question(query.questions[0])
+        reply.header.rcode = rcode
+        data = bytes(reply.pack())
+        if len(data) <= limit:
+            return data
+        # Drop additional RRsets from the end (no TC needed: RFC 2181 9), keeping OPT.
+        opt = [rr for rr in reply.ar if rr.rtype == OPT]
+        extra = [rr for rr in reply.ar if rr.rtype != OPT]
+        while extra and len(data) > limit:
+            last = (extra[-1].rname, extra[-1].rtype)
+            while extra and (extra[-1].rname, extra[-1].rtype) == last:
+                extra.pop()
+            reply.ar = extra + opt
+            data = bytes(reply.pack())
+        if len(data) > limit:
+            reply.rr = []
+            reply.ar = opt
+            reply.header.tc = 1
+            self.stats.truncated += 1
+            data = bytes(reply.pack())
+        return data
+
+
+def _zone_of_labels(zones: list[Zone], labels: tuple[bytes, ...]) -> Zone | None:
+    for zone in zones:
+        zone_labels = zone.labels
+        if labels[len(labels) - len(zone_labels) :] == zone_labels and len(labels) >= len(
+            zone_labels
+        ):
+            return zone
+    return None
+
+
+def _header_only(q: bytes, rcode: int) -> bytes:
+    """A response carrying only the query's ID, opcode and RD bit: for unparsable input."""
+    qid, flags = struct.unpack_from(">HH", q)
+    flags = 0x8000 | (flags & 0x7900) | rcode
+    return struct.pack(">HHHHHH", qid, flags, 0, 0, 0, 0)
+
+
+def _lib_rr(rr: RR, owner: DNSLabel | None = None) -> LibRR:
+    data = rr.rdata
+    rdata: object
+    if rr.rtype == A:
+        rdata = LibA(data)
+    elif rr.rtype == AAAA:
+        rdata = LibAAAA(data)
+    elif rr.rtype == SRV:
+        assert isinstance(data, Srv)
+        rdata = LibSRV(data.priority, data.weight, data.port, data.target + ".")
+    elif rr.rtype == PTR:
+        rdata = LibPTR(str(data) + ".")
+    elif rr.rtype == NS:
+        rdata = LibNS(str(data) + ".")
+    elif rr.rtype == SOA:
+        assert isinstance(data, Soa)
+        times = (data.serial, data.refresh, data.retry, data.expire, data.minimum)
+        rdata = LibSOA(data.mname + ".", data.rname + ".", times)
+    elif rr.rtype == TXT:
+        assert isinstance(data, tuple)
+        rdata = LibTXT(list(data))
+    else:
+        raise ValueError(f"no conversion for type {rr.rtype}")
+    return LibRR(owner if owner is not None else rr.name + ".", rr.rtype, IN, rr.ttl, rdata)
+

@@ -1,0 +1,135 @@
+"""The instance record, its validation, and the mapping between names and store keys."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DEFAULT_LEASE_TTL = 30
+
+
+def is_label(text: str) -> bool:
+    """True for an RFC 1123 DNS label in lower case, at most 63 characters."""
+    return LABEL_RE.fullmatch(text) is not None
+
+
+Label = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_RE.pattern)]
+
+
+class Port(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Label
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp", "sctp"] = "tcp"
+
+
+class Registration(BaseModel):
+    """The body of a register call: what a service says about one of its instances."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str
+    ports: tuple[Port, ...] = ()
+    ttl: int = Field(default=DEFAULT_LEASE_TTL, ge=1)
+    priority: int = Field(default=0, ge=0, le=65535)
+    weight: int = Field(default=100, ge=0, le=65535)
+    tags: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = Field(
+        default=(), max_length=64
+    )
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=255)], str] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError("must be a unicast address")
+        return address.compressed
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> Registration:
+        seen = set()
+        for port in self.ports:
+            if (port.name, port.protocol) in seen:
+                raise ValueError(f"port {port.name}/{port.protocol} is listed twice")
+            seen.add((port.name, port.protocol))
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKey:
+    namespace: str
+    service: str
+    name: str
+
+    @property
+    def service_key(self) -> tuple[str, str]:
+        return (self.namespace, self.service)
+
+    def store_key(self, prefix: str) -> bytes:
+        return f"{prefix}v1/instances/{self.namespace}/{self.service}/{self.name}".encode()
+
+    @classmethod
+    def from_store_key(cls, prefix: str, key: bytes) -> InstanceKey | None:
+        """The instance a store key names, or None for a key this version does not own."""
+        try:
+            text = key.decode()
+        except UnicodeDecodeError:
+            return None
+        head = f"{prefix}v1/instances/"
+        if not text.startswith(head):
+            return None
+        parts = text[len(head) :].split("/")
+        if len(parts) != 3 or not all(is_label(p) for p in parts):
+            return None
+        return cls(*parts)
+
+
+def instances_prefix(prefix: str) -> bytes:
+    return f"{prefix}v1/instances/".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A live instance as the cache holds it: its key, its registration and its lease."""
+
+    key: InstanceKey
+    spec: Registration
+    lease: int
+    revision: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.spec.address
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "namespace": self.key.namespace,
+            "service": self.key.service,
+            "name": self.key.name,
+            **self.spec.model_dump(mode="json"),
+            "lease": {"id": format(self.lease, "x"), "ttl": self.spec.ttl},
+        }
+
+
+def encode_registration(spec: Registration) -> bytes:
+    return spec.model_dump_json().encode()
+
+
+def decode_registration(value: bytes) -> Registration | None:
+    """The registration stored under a key, or None when the value is not one of ours."""
+    try:
+        return Registration.model_validate_json(value)
+    except ValueError:
+        return None
