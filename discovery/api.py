@@ -1,0 +1,369 @@
+"""The registration API: an aiohttp app factory, its routes, and problem+json errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from .cache import Cache
+from .config import Config
+from .metrics import Metrics
+from .model import (
+    Instance,
+    InstanceKey,
+    Registration,
+    decode_registration,
+    encode_registration,
+    is_label,
+)
+from .openapi import openapi_document
+from .store.base import LeaseNotFound, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+MAX_WAIT = 600.0
+DEFAULT_WAIT = 300.0
+RETRY_AFTER = "2"
+PROBLEM = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    store: Store
+    cache: Cache
+    metrics: Metrics
+
+
+CONTEXT = web.AppKey("context", Context)
+
+
+class Problem(Exception):
+    """An error answered as application/problem+json (RFC 9457)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"title": self.title, "status": self.status, "detail": self.detail}
+        if self.errors:
+            body["errors"] = self.errors
+        return web.json_response(
+            body, status=self.status, content_type=PROBLEM, headers=self.headers
+        )
+
+
+def _invalid(errors: list[dict[str, str]]) -> Problem:
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return Problem(400, "Invalid request", detail, errors)
+
+
+@web.middleware
+async def problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    metrics = request.app[CONTEXT].metrics
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except Problem as problem:
+        response = problem.response()
+    except StoreUnavailable as error:
+        metrics.store_errors.inc()
+        response = Problem(
+            503, "Store unavailable", str(error) or "the store did not answer",
+            headers={"Retry-After": RETRY_AFTER},
+        ).response()
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        title = error.reason
+        detail = error.text if error.text and not error.text.startswith(str(error.status)) else title
+        response = Problem(error.status, title, detail, headers=_allow(error)).response()
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = Problem(500, "Internal error", "the server failed; see its log").response()
+    metrics.http_requests.labels(request.method, route_name, str(response.status)).inc()
+    metrics.http_latency.labels(request.method, route_name).observe(time.perf_counter() - started)
+    return response
+
+
+def _allow(error: web.HTTPException) -> dict[str, str]:
+    allow = error.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _key(request: web.Request, with_instance: bool = True) -> InstanceKey:
+    parts = {"namespace": request.match_info["ns"], "service": request.match_info["svc"]}
+    if with_instance:
+        parts["name"] = request.match_info["inst"]
+    errors = [
+        {"field": field, "message": "must be a lower-case DNS label (RFC 1123), 1-63 characters"}
+        for field, value in parts.items()
+        if not is_label(value)
+    ]
+    if errors:
+        raise _invalid(errors)
+    return InstanceKey(parts["namespace"], parts["service"], parts.get("name", ""))
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes") from None
+    if not raw:
+        raise _invalid([{"field": "body", "message": "a JSON object is required"}])
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _invalid([{"field": "body", "message": f"invalid JSON: {error}"}]) from None
+
+
+def _validate(data: Any, config: Config) -> Registration:
+    if not isinstance(data, dict):
+        raise _invalid([{"field": "body", "message": "must be a JSON object"}])
+    try:
+        spec = Registration.model_validate(data)
+    except ValidationError as error:
+        raise _invalid(
+            [
+                {
+                    "field": ".".join(str(p) for p in e["loc"]) or "body",
+                    "message": "unknown field" if e["type"] == "extra_forbidden" else e["msg"],
+                }
+                for e in error.errors()
+            ]
+        ) from None
+    if not config.min_ttl <= spec.ttl <= config.max_ttl:
+        raise _invalid(
+            [{"field": "ttl", "message": f"must be between {config.min_ttl} and {config.max_ttl}"}]
+        )
+    return spec
+
+
+def _expires(ttl: int) -> str:
+    moment = datetime.now(UTC) + timedelta(seconds=ttl)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _instance_body(instance: Instance, remaining: int | None = None) -> dict[str, Any]:
+    body = instance.to_json()
+    lease = body["lease"]
+    assert isinstance(lease, dict)
+    lease["expires_at"] = _expires(instance.spec.ttl if remaining is None else remaining)
+    return body
+
+
+async def register(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    spec = _validate(await _body(request), ctx.config)
+    store_key = key.store_key(ctx.config.etcd_prefix)
+    lease = await ctx.store.grant(spec.ttl)
+    try:
+        result = await ctx.store.put(store_key, encode_registration(spec), lease)
+    except BaseException:
+        try:
+            await ctx.store.revoke(lease)
+        except Exception:
+            pass  # the lease expires on its own
+        raise
+    if result.prev is not None and result.prev.lease and result.prev.lease != lease:
+        try:
+            await ctx.store.revoke(result.prev.lease)  # it holds no key any more
+        except LeaseNotFound:
+            pass
+    instance = Instance(key, spec, lease, result.revision)
+    return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
+
+
+async def _stored(ctx: Context, key: InstanceKey) -> Instance | None:
+    kv = await ctx.store.get(key.store_key(ctx.config.etcd_prefix))
+    if kv is None:
+        return None
+    spec = decode_registration(kv.value)
+    return Instance(key, spec, kv.lease, kv.mod_revision) if spec is not None else None
+
+
+def _not_found(key: InstanceKey) -> Problem:
+    return Problem(
+        404,
+        "Instance not found",
+        f"no live instance {key.name} of {key.service}.{key.namespace}: register it again",
+    )
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    instance = ctx.cache.state.services.get(key.service_key, {}).get(key.name)
+    for attempt in range(2):
+        if instance is None or attempt:
+            # Not in this replica's cache yet, or re-registered with a new lease since.
+            fresh = await _stored(ctx, key)
+            if fresh is None or (instance is not None and fresh.lease == instance.lease):
+                raise _not_found(key)
+            instance = fresh
+        try:
+            ttl = await ctx.store.keepalive(instance.lease)
+        except LeaseNotFound:
+            continue
+        return web.json_response(_instance_body(instance, ttl))
+    raise _not_found(key)
+
+
+async def deregister(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    prev = await ctx.store.delete(key.store_key(ctx.config.etcd_prefix))
+    if prev is None:
+        raise _not_found(key)
+    if prev.lease:
+        try:
+            await ctx.store.revoke(prev.lease)
+        except LeaseNotFound:
+            pass
+    return web.Response(status=204)
+
+
+def _wait_args(request: web.Request) -> tuple[int | None, float]:
+    index_text = request.query.get("index")
+    wait_text = request.query.get("wait")
+    errors = []
+    index = None
+    wait = DEFAULT_WAIT
+    if index_text is not None:
+        if not index_text.isdigit():
+            errors.append({"field": "index", "message": "must be a non-negative integer"})
+        else:
+            index = int(index_text)
+    if wait_text is not None:
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", wait_text)
+        if match is None:
+            errors.append({"field": "wait", "message": "must be a duration like 500ms, 30s or 5m"})
+        else:
+            unit = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+            wait = min(MAX_WAIT, float(match.group(1)) * unit)
+    if errors:
+        raise _invalid(errors)
+    return index, wait
+
+
+def _indexed(body: Any, cache: Cache) -> web.Response:
+    return web.json_response(body, headers={"X-Discovery-Index": str(cache.revision)})
+
+
+async def list_services(request: web.Request) -> web.Response:
+    cache = request.app[CONTEXT].cache
+    index, wait = _wait_args(request)
+    if index is not None:
+        await cache.wait(lambda: cache.revision > index, wait)
+    services = [
+        {"namespace": ns, "service": svc, "instances": len(instances)}
+        for (ns, svc), instances in sorted(cache.state.services.items())
+    ]
+    return _indexed({"services": services}, cache)
+
+
+async def get_service(request: web.Request) -> web.Response:
+    cache = request.app[CONTEXT].cache
+    key = _key(request, with_instance=False)
+    index, wait = _wait_args(request)
+    if index is not None:
+        await cache.wait(lambda: cache.state.service_revision.get(key.service_key, 0) > index, wait)
+    tags = request.query.getall("tag", [])
+    instances = sorted(
+        cache.state.services.get(key.service_key, {}).values(), key=lambda i: i.key.name
+    )
+    body = {
+        "namespace": key.namespace,
+        "service": key.service,
+        "instances": [i.to_json() for i in instances if all(t in i.spec.tags for t in tags)],
+    }
+    return _indexed(body, cache)
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    instance = ctx.cache.state.services.get(key.service_key, {}).get(key.name)
+    if instance is None:
+        raise _not_found(key)
+    try:
+        remaining = await ctx.store.time_to_live(instance.lease)
+    except LeaseNotFound:
+        raise _not_found(key) from None
+    return _indexed(_instance_body(instance, remaining), ctx.cache)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cache = request.app[CONTEXT].cache
+    since = time.monotonic() - cache.last_contact if cache.last_contact else None
+    body = {
+        "status": "ready" if cache.synced else "loading",
+        "store": "ok" if cache.store_healthy else "degraded",
+        "revision": cache.revision,
+        "seconds_since_store_contact": None if since is None else round(since, 3),
+    }
+    return web.json_response(body, status=200 if cache.synced else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[CONTEXT].metrics.registry)
+    response = web.Response(body=data)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def create_app(context: Context) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
+    app[CONTEXT] = context
+    base = "/v1/services/{ns}/{svc}"
+    app.router.add_put(base + "/instances/{inst}", register)
+    app.router.add_put(base + "/instances/{inst}/heartbeat", heartbeat)
+    app.router.add_delete(base + "/instances/{inst}", deregister)
+    app.router.add_get(base + "/instances/{inst}", get_instance)
+    app.router.add_get(base, get_service)
+    app.router.add_get("/v1/services", list_services)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

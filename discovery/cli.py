@@ -1,0 +1,147 @@
+"""Command line: flags (each also a DISCOVERY_* environment variable) -> Config -> Server.
+
+Exit codes: 0 after a clean shutdown, 2 for a bad option, 1 when the server cannot start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import Config, ConfigError, HostPort, normalize_zone
+
+log = logging.getLogger("discovery")
+
+
+def _env_name(flag: str) -> str:
+    return "DISCOVERY_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# flag, type/parser, default, help
+_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
+    ("--dns", HostPort.parse, "127.0.0.1:8053", "DNS listener HOST:PORT, UDP and TCP (port 0: any)"),
+    ("--http", HostPort.parse, "127.0.0.1:8080", "HTTP API listener HOST:PORT (port 0: any)"),
+    ("--etcd", str, None, "etcd endpoints URL[,URL...] (default: the embedded store)"),
+    ("--etcd-prefix", str, "/discovery/", "key prefix in etcd"),
+    ("--etcd-ca", str, None, "CA bundle for TLS to etcd"),
+    ("--etcd-cert", str, None, "client certificate for mutual TLS to etcd"),
+    ("--etcd-key", str, None, "client key for mutual TLS to etcd"),
+    ("--etcd-user", str, None, "etcd user name"),
+    ("--etcd-password", str, None, "etcd password"),
+    ("--etcd-dial-timeout", float, 5.0, "seconds to wait for an etcd connection"),
+    ("--etcd-request-timeout", float, 5.0, "seconds to wait for one etcd request"),
+    ("--dns-ttl", int, 5, "TTL of service records (never above the lease)"),
+    ("--negative-ttl", int, 5, "TTL of NXDOMAIN/NODATA answers (SOA minimum)"),
+    ("--min-ttl", int, 2, "shortest lease TTL a registration may ask for"),
+    ("--max-ttl", int, 86400, "longest lease TTL a registration may ask for"),
+    ("--upstream", str, None, "resolvers HOST[:PORT],... for names outside the zones"),
+    ("--workers", int, 1, "DNS worker processes sharing the port (SO_REUSEPORT)"),
+    ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
+    ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
+    ("--log-level", str, "info", "debug, info, warning or error"),
+]
+
+
+def _endpoint(url: str) -> HostPort:
+    for scheme in ("http://", "https://"):
+        if url.startswith(scheme):
+            url = url[len(scheme) :]
+    return HostPort.parse(url.rstrip("/"), default_port=2379)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="discovery", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the DNS responder and the HTTP API",
+        description="Every flag can also be set as DISCOVERY_<FLAG> (e.g. DISCOVERY_DNS_TTL).",
+    )
+    for flag, _, default, text in _OPTIONS:
+        serve.add_argument(flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]")
+    serve.add_argument(
+        "--zone",
+        action="append",
+        default=None,
+        help="served zone; may repeat [DISCOVERY_ZONE, comma-separated; default cluster.local]",
+    )
+    return parser
+
+
+def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    values: dict[str, Any] = {}
+    for flag, parse, default, _ in _OPTIONS:
+        attr = flag.lstrip("-").replace("-", "_")
+        raw = getattr(args, attr)
+        if raw is None:
+            raw = environ.get(_env_name(flag))
+        if raw is None:
+            values[attr] = default
+            continue
+        try:
+            values[attr] = parse(raw)
+        except (ValueError, ConfigError) as error:
+            raise ConfigError(f"{flag}: {error}") from None
+    zones = args.zone or _split(environ.get("DISCOVERY_ZONE", "")) or ["cluster.local"]
+    etcd = tuple(_endpoint(url) for url in _split(values.pop("etcd") or ""))
+    upstream = tuple(HostPort.parse(u, default_port=53) for u in _split(values.pop("upstream") or ""))
+    if isinstance(values["dns"], str):
+        values["dns"] = HostPort.parse(values["dns"])
+    if isinstance(values["http"], str):
+        values["http"] = HostPort.parse(values["http"])
+    return Config(
+        zones=tuple(normalize_zone(z) for z in zones), etcd=etcd, upstream=upstream, **values
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: Config) -> None:
+    from .server import Server
+
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.serve()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from(args, dict(os.environ))
+    except ConfigError as error:
+        parser.error(str(error))
+    _setup_logging(config.log_level)
+    _install_loop()
+    try:
+        asyncio.run(_serve(config))
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0

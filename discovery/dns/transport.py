@@ -1,0 +1,164 @@
+"""DNS over UDP and TCP (RFC 7766): framing only; every answer comes from the resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import cast
+
+log = logging.getLogger(__name__)
+
+Answerer = Callable[[bytes, bool], bytes | None]
+UDP_BUFFER = 4 * 1024 * 1024  # room for bursts while the loop is busy
+
+
+class UdpResponder(asyncio.DatagramProtocol):
+    def __init__(self, answer: Answerer) -> None:
+        self.answer = answer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+                except OSError:
+                    pass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            response = self.answer(data, False)
+        except Exception:  # one bad packet must never take the listener down
+            log.exception("failed to answer a UDP query from %s", addr)
+            return
+        if response is not None and self.transport is not None:
+            self.transport.sendto(response, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP socket error: %s", exc)
+
+
+class TcpConnections:
+    """Live TCP connections: the cap on their number and the idle timeout."""
+
+    def __init__(self, answer: Answerer, idle_timeout: float, max_connections: int) -> None:
+        self.answer = answer
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.open: set[TcpResponder] = set()
+        self.refused = 0
+
+    def protocol(self) -> TcpResponder:
+        return TcpResponder(self)
+
+    def close_all(self) -> None:
+        for connection in list(self.open):
+            connection.close()
+
+
+class TcpResponder(asyncio.Protocol):
+    """One client connection: length-prefixed queries, pipelined, answered in order."""
+
+    def __init__(self, owner: TcpConnections) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.idle: asyncio.TimerHandle | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if len(self.owner.open) >= self.owner.max_connections:
+            self.owner.refused += 1
+            self.transport.abort()
+            return
+        self.owner.open.add(self)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.open.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        self.transport = None
+
+    def _arm(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_later(self.owner.idle_timeout, self.close)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._arm()
+        self._drain()
+
+    def _drain(self) -> None:
+        buffer = self.buffer
+        while not self.paused and self.transport is not None and len(buffer) >= 2:
+            size = buffer[0] << 8 | buffer[1]
+            if len(buffer) < 2 + size:
+                return
+            query = bytes(buffer[2 : 2 + size])
+            del buffer[: 2 + size]
+            try:
+                response = self.owner.answer(query, True)
+            except Exception:
+                log.exception("failed to answer a TCP query")
+                response = None
+            if response is None:
+                self.close()  # RFC 7766 6.2.4: close rather than leave a query unanswered
+                return
+            self.transport.write(len(response).to_bytes(2, "big") + response)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: stop reading its queries until it does.
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+            self._drain()
+
+    def eof_received(self) -> bool | None:
+        return None  # close once pending answers are written
+
+
+async def open_listeners(
+    host: str,
+    port: int,
+    answer: Answerer,
+    idle_timeout: float,
+    max_connections: int,
+    reuse_port: bool = False,
+) -> tuple[asyncio.DatagramTransport, asyncio.Server, TcpConnections]:
+    """UDP and TCP on the same address; port 0 picks one free for both."""
+    loop = asyncio.get_running_loop()
+    connections = TcpConnections(answer, idle_timeout, max_connections)
+    attempts = 20 if port == 0 else 1
+    for attempt in range(attempts):
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: UdpResponder(answer), local_addr=(host, port), reuse_port=reuse_port or None
+        )
+        bound = udp.get_extra_info("sockname")[1]
+        try:
+            tcp = await loop.create_server(
+                connections.protocol, host, bound, reuse_port=reuse_port or None, backlog=1024
+            )
+        except OSError:
+            udp.close()
+            if attempt == attempts - 1:
+                raise
+            continue
+        return udp, tcp, connections
+    raise OSError("no free port for DNS")  # pragma: no cover

@@ -1,0 +1,117 @@
+"""Every Prometheus collector in one place.
+
+DNS counters are plain integers on the hot path (see dns.resolver.Stats); they are read
+here at scrape time, so a query never touches a Prometheus lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .dns.resolver import Stats
+    from .dns.transport import TcpConnections
+    from .watcher import Watcher
+
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "discovery_http_requests",
+            "HTTP API requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "discovery_http_request_seconds",
+            "HTTP API request latency",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "discovery_store_errors",
+            "Store calls from the HTTP API that failed because the store was unreachable",
+            registry=self.registry,
+        )
+
+    def watch(
+        self,
+        cache: Cache,
+        watcher: Watcher,
+        stats: Stats,
+        tcp: TcpConnections | None = None,
+    ) -> None:
+        self.registry.register(_StateCollector(cache, watcher, stats, tcp))
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, cache: Cache, watcher: Watcher, stats: Stats, tcp: TcpConnections | None
+    ) -> None:
+        self.cache = cache
+        self.watcher = watcher
+        self.stats = stats
+        self.tcp = tcp
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        cache, state = self.cache, self.cache.state
+        yield _gauge("discovery_cache_synced", "1 once the first full load finished", cache.synced)
+        yield _gauge("discovery_store_up", "1 while the store answers", cache.store_healthy)
+        since = time.monotonic() - cache.last_contact if cache.last_contact else float("nan")
+        yield _gauge(
+            "discovery_store_last_contact_seconds", "Seconds since the store last answered", since
+        )
+        yield _gauge("discovery_watch_revision", "Store revision the cache reflects", state.revision)
+        yield _gauge("discovery_services", "Services with live instances", len(state.services))
+        yield _gauge("discovery_instances", "Live instances", len(state.keys))
+        yield _gauge("discovery_dns_names", "DNS names answered from memory", len(state.names))
+        reloads = CounterMetricFamily(
+            "discovery_watch_reloads", "Full reloads after a compacted watch"
+        )
+        reloads.add_metric([], self.watcher.reloads)
+        yield reloads
+        resumes = CounterMetricFamily(
+            "discovery_watch_resumes", "Watch restarts after the store became unreachable"
+        )
+        resumes.add_metric([], self.watcher.resumes)
+        yield resumes
+        stats = self.stats
+        queries = CounterMetricFamily(
+            "discovery_dns_queries", "DNS queries answered, by path", labels=["path"]
+        )
+        queries.add_metric(["fast"], stats.fast)
+        queries.add_metric(["full"], stats.full)
+        queries.add_metric(["dropped"], stats.dropped)
+        yield queries
+        rcodes = CounterMetricFamily(
+            "discovery_dns_full_path_responses",
+            "Responses built by the full resolver, by rcode",
+            labels=["rcode"],
+        )
+        for rcode, count in sorted(stats.rcodes.items()):
+            rcodes.add_metric([RCODE_NAMES.get(rcode, str(rcode))], count)
+        yield rcodes
+        truncated = CounterMetricFamily("discovery_dns_truncated", "UDP answers sent with TC=1")
+        truncated.add_metric([], stats.truncated)
+        yield truncated
+        if self.tcp is not None:
+            yield _gauge("discovery_dns_tcp_connections", "Open DNS TCP connections", len(self.tcp.open))
+            refused = CounterMetricFamily(
+                "discovery_dns_tcp_refused", "TCP connections closed at the connection cap"
+            )
+            refused.add_metric([], self.tcp.refused)
+            yield refused
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))

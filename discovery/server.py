@@ -1,0 +1,148 @@
+"""Wires store, watcher, cache, DNS and HTTP together; starts and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .api import Context, create_app
+from .cache import Cache, DnsSettings
+from .config import Config
+from .dns.resolver import Resolver
+from .dns.transport import TcpConnections, open_listeners
+from .metrics import Metrics
+from .model import instances_prefix
+from .store.base import Store
+from .store.embedded import EmbeddedStore
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+
+def make_store(config: Config) -> Store:
+    if not config.etcd:
+        return EmbeddedStore()
+    from .store.etcd import EtcdStore
+
+    return EtcdStore(
+        [(endpoint.host, endpoint.port) for endpoint in config.etcd],
+        ca=config.etcd_ca,
+        cert=config.etcd_cert,
+        key=config.etcd_key,
+        user=config.etcd_user,
+        password=config.etcd_password,
+        dial_timeout=config.etcd_dial_timeout,
+        request_timeout=config.etcd_request_timeout,
+    )
+
+
+def _glue_address(host: str) -> str | None:
+    """The listener address when it names one host: the A/AAAA of ns.dns.<zone>."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if address.is_unspecified else address.compressed
+
+
+class Server:
+    """Runtime state of one process: created from a Config, started, stopped."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = make_store(config)
+        settings = DnsSettings(
+            config.zones, config.dns_ttl, config.negative_ttl, _glue_address(config.dns.host)
+        )
+        self.cache = Cache(settings, config.etcd_prefix)
+        self.resolver = Resolver(self.cache)
+        self.watcher = Watcher(self.store, self.cache, instances_prefix(config.etcd_prefix))
+        self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
+        self.http_address: tuple[str, int] = (config.http.host, config.http.port)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: TcpConnections | None = None
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+
+    async def startup(self) -> None:
+        config = self.config
+        if config.upstream:
+            log.warning("--upstream is accepted but forwarding is not implemented yet: REFUSED")
+        self._tasks = [
+            asyncio.create_task(self.watcher.run(), name="watch"),
+            asyncio.create_task(self.watcher.probe(), name="probe"),
+        ]
+        try:
+            self._udp, self._tcp, self._connections = await open_listeners(
+                config.dns.host,
+                config.dns.port,
+                self.resolver.answer,
+                config.tcp_idle_timeout,
+                config.tcp_max_connections,
+                reuse_port=config.workers > 1,
+            )
+            self.dns_address = self._udp.get_extra_info("sockname")[:2]
+            self.metrics.watch(self.cache, self.watcher, self.resolver.stats, self._connections)
+            context = Context(config, self.store, self.cache, self.metrics)
+            self._runner = web.AppRunner(create_app(context), access_log=None, shutdown_timeout=5)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
+            await site.start()
+            self.http_address = self._runner.addresses[0][:2]
+        except BaseException:
+            await self.shutdown()
+            raise
+        log.info("DNS listening on %s:%d (udp, tcp)", *self.dns_address)
+        log.info("HTTP listening on http://%s:%d", *self.http_address)
+        store = f"etcd {','.join(map(str, config.etcd))}" if config.etcd else "embedded store"
+        log.info("zones %s; %s", ", ".join(config.zones), store)
+
+    async def shutdown(self) -> None:
+        """Stop taking work, finish what is in flight, then release the store."""
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        if self._connections is not None:
+            self._connections.close_all()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+        self._udp = self._tcp = self._connections = self._runner = None
+        self._tasks = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        await self.startup()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def run_server(config: Config) -> AsyncIterator[Server]:
+    server = Server(config)
+    await server.startup()
+    try:
+        yield server
+    finally:
+        await server.shutdown()

@@ -1,0 +1,87 @@
+"""Keeps the cache equal to the store: load at revision R, watch from R+1, forever."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from .cache import Cache
+from .store.base import Compacted, Store, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, initial: float = 0.1, cap: float = 5.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Watcher:
+    def __init__(
+        self, store: Store, cache: Cache, prefix: bytes, probe_interval: float = 1.0
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.prefix = prefix
+        self.probe_interval = probe_interval
+        self.reloads = 0
+        self.resumes = 0
+        self._needs_load = True
+
+    async def run(self) -> None:
+        """Load and watch until cancelled or the store closes."""
+        backoff = Backoff()
+        while True:
+            try:
+                if self._needs_load:
+                    snapshot = await self.store.load(self.prefix)
+                    self.cache.load(snapshot)
+                    self._needs_load = False
+                    log.info(
+                        "loaded %d records at revision %d", len(snapshot.items), snapshot.revision
+                    )
+                self.cache.mark_contact(True)
+                async for batch in self.store.watch(self.prefix, self.cache.revision + 1):
+                    self.cache.apply(batch)
+                    self.cache.mark_contact(True)
+                    backoff.reset()
+                return  # the store closed the stream: we are shutting down
+            except Compacted as error:
+                self.reloads += 1
+                self._needs_load = True
+                log.warning("watch history compacted (%s): reloading the registry", error)
+            except StoreError as error:
+                self.resumes += 1
+                self.cache.mark_contact(False)
+                delay = backoff.next_delay()
+                log.warning(
+                    "store unreachable (%s): serving the last known state, retrying in %.2fs",
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def probe(self) -> None:
+        """Tell whether the store answers, so readiness and metrics can say how stale we are."""
+        while True:
+            try:
+                await self.store.revision()
+                self.cache.mark_contact(True)
+            except StoreUnavailable:
+                self.cache.mark_contact(False)
+            except StoreError:
+                return  # closed
+            await asyncio.sleep(self.probe_interval)
