@@ -95,3 +95,9 @@ async def server() -> AsyncIterator[Server]:
 async def client(server: Server) -> AsyncIterator[Client]:
     async with aiohttp.ClientSession() as session:
         yield Client(server, session)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A run that collects nothing must fail loudly, not pass as "no tests ran".
+    if not session.items and not session.config.option.collectonly:
+        raise pytest.UsageError("no tests were collected")

@@ -1,0 +1,29 @@
+# Two commands for a newcomer (see README): `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_TEST := etcd-server bind9-dnsutils
+APT_BENCH := dnsperf dnsmasq etcd-server
+
+.PHONY: run test test-deps bench lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/discovery serve
+
+test-deps:
+	@command -v etcd >/dev/null && command -v dig >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST); }
+
+test: test-deps $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check discovery tests bench
+	$(PY) -m mypy discovery
