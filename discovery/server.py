@@ -20,6 +20,7 @@ from .model import instances_prefix
 from .store.base import Store
 from .store.embedded import EmbeddedStore
 from .watcher import Watcher
+from .workers import FeedServer, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ def _glue_address(host: str) -> str | None:
 class Server:
     """Runtime state of one process: created from a Config, started, stopped."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Store | None = None, http: bool = True) -> None:
+        """`http=False` makes a DNS-only worker (see workers.py) reading `store`."""
         self.config = config
         self.metrics = Metrics()
-        self.store = make_store(config)
+        self.store = store if store is not None else make_store(config)
+        self.serves_http = http
         settings = DnsSettings(
             config.zones, config.dns_ttl, config.negative_ttl, _glue_address(config.dns.host)
         )
@@ -70,6 +73,8 @@ class Server:
         self._tcp: asyncio.Server | None = None
         self._connections: TcpConnections | None = None
         self._runner: web.AppRunner | None = None
+        self._feed: FeedServer | None = None
+        self._supervisor: Supervisor | None = None
         self._stop = asyncio.Event()
 
     async def startup(self) -> None:
@@ -90,6 +95,9 @@ class Server:
                 reuse_port=config.workers > 1,
             )
             self.dns_address = self._udp.get_extra_info("sockname")[:2]
+            log.info("DNS listening on %s:%d (udp, tcp)", *self.dns_address)
+            if not self.serves_http:
+                return
             self.metrics.watch(self.cache, self.watcher, self.resolver.stats, self._connections)
             context = Context(config, self.store, self.cache, self.metrics)
             self._runner = web.AppRunner(create_app(context), access_log=None, shutdown_timeout=5)
@@ -97,16 +105,27 @@ class Server:
             site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
             await site.start()
             self.http_address = self._runner.addresses[0][:2]
+            if config.workers > 1:
+                if not config.etcd:
+                    self._feed = FeedServer(self.store)
+                    await self._feed.start()
+                self._supervisor = Supervisor(config, self.dns_address, self._feed)
+                await self._supervisor.start()
         except BaseException:
             await self.shutdown()
             raise
-        log.info("DNS listening on %s:%d (udp, tcp)", *self.dns_address)
         log.info("HTTP listening on http://%s:%d", *self.http_address)
+        if config.workers > 1:
+            log.info("%d DNS worker processes share the DNS port", config.workers - 1)
         store = f"etcd {','.join(map(str, config.etcd))}" if config.etcd else "embedded store"
         log.info("zones %s; %s", ", ".join(config.zones), store)
 
     async def shutdown(self) -> None:
         """Stop taking work, finish what is in flight, then release the store."""
+        if self._supervisor is not None:
+            await self._supervisor.stop()
+        if self._feed is not None:
+            await self._feed.close()
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -124,6 +143,7 @@ class Server:
                 await task
         await self.store.close()
         self._udp = self._tcp = self._connections = self._runner = None
+        self._feed = self._supervisor = None
         self._tasks = []
 
     def request_stop(self) -> None:
