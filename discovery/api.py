@@ -143,6 +143,8 @@ async def _body(request: web.Request) -> Any:
         raise _invalid([{"field": "body", "message": "a JSON object is required"}])
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise _invalid([{"field": "body", "message": "invalid JSON: nested too deeply"}]) from None
     except (ValueError, UnicodeDecodeError) as error:
         raise _invalid([{"field": "body", "message": f"invalid JSON: {error}"}]) from None
 
@@ -261,12 +263,12 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
     index = None
     wait = DEFAULT_WAIT
     if index_text is not None:
-        if not index_text.isdigit():
+        if re.fullmatch(r"[0-9]{1,20}", index_text) is None:
             errors.append({"field": "index", "message": "must be a non-negative integer"})
         else:
             index = int(index_text)
     if wait_text is not None:
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", wait_text)
+        match = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?", wait_text)
         if match is None:
             errors.append({"field": "wait", "message": "must be a duration like 500ms, 30s or 5m"})
         else:
@@ -297,7 +299,7 @@ async def get_service(request: web.Request) -> web.Response:
     cache = request.app[CONTEXT].cache
     key = _key(request, with_instance=False)
     index, wait = _wait_args(request)
-    if index is not None:
+    if index:  # index=0 never blocks: the registry revision is always past it (Consul too)
         await cache.wait(lambda: cache.state.service_revision.get(key.service_key, 0) > index, wait)
     tags = request.query.getall("tag", [])
     instances = sorted(

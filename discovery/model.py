@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DEFAULT_LEASE_TTL = 30
@@ -55,16 +55,19 @@ class Registration(BaseModel):
             raise ValueError("must be an IPv4 or IPv6 address") from None
         if address.is_unspecified or address.is_multicast:
             raise ValueError("must be a unicast address")
+        if getattr(address, "scope_id", None):  # fe80::1%eth0 means nothing to a DNS client
+            raise ValueError("must not carry a zone index (%scope)")
         return address.compressed
 
-    @model_validator(mode="after")
-    def _unique_ports(self) -> Registration:
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, ports: tuple[Port, ...]) -> tuple[Port, ...]:
         seen = set()
-        for port in self.ports:
+        for port in ports:
             if (port.name, port.protocol) in seen:
                 raise ValueError(f"port {port.name}/{port.protocol} is listed twice")
             seen.add((port.name, port.protocol))
-        return self
+        return ports
 
 
 @dataclass(frozen=True, slots=True)

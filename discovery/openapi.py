@@ -81,7 +81,7 @@ def openapi_document() -> dict[str, Any]:
     ]
     instance_path = "/v1/services/{ns}/{svc}/instances/{inst}"
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",  # pydantic emits JSON Schema 2020-12 (propertyNames)
         "info": {"title": "discovery registration API", "version": "1"},
         "paths": {
             instance_path: {
