@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -177,6 +178,51 @@ async def test_connection_cap_closes_the_extra_connection(serving: ClientFactory
         assert addresses(await ask(second, query(qid=5))) == {ADDRESS}
         await close(first[1])
         await close(second[1])
+
+
+def flood_until_blocked(sock: socket.socket) -> int:
+    """Pipeline queries without reading answers until the server stops reading them."""
+    frame = framed(query()) * 64
+    sock.settimeout(0.5)  # this long without progress: the server has paused reading
+    sent = 0
+    try:
+        while True:
+            sent += sock.send(frame)
+    except TimeoutError:
+        return sent
+
+
+def wait_for_reset(sock: socket.socket, seconds: float) -> bool:
+    """Block (in a thread) until the peer resets or hangs up, not on readable data."""
+    poller = select.poll()
+    poller.register(sock, 0)  # only POLLERR / POLLHUP, which poll always reports
+    return bool(poller.poll(seconds * 1000))
+
+
+async def test_client_that_never_reads_is_cut_off(serving: ClientFactory) -> None:
+    """A connection stuck on unread answers must not outlive the idle timeout (nor the cap)."""
+    async with serving(tcp_idle_timeout=0.5, tcp_max_connections=1) as client:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(client.dns)
+        with stuck:
+            assert await asyncio.to_thread(flood_until_blocked, stuck) > 100_000
+            started = time.monotonic()
+            assert await asyncio.to_thread(wait_for_reset, stuck, 5), "never closed"
+            assert time.monotonic() - started < 4
+        # Its slot is free again.
+        assert addresses(await client.query(SERVICE, tcp=True)) == {ADDRESS}
+
+
+async def test_shutdown_resets_a_client_that_never_reads(serving: ClientFactory) -> None:
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with stuck:
+        async with serving(tcp_idle_timeout=30) as client:
+            stuck.connect(client.dns)
+            assert await asyncio.to_thread(flood_until_blocked, stuck) > 100_000
+        # The server is gone: its connection must not linger, holding unread answers.
+        assert await asyncio.to_thread(wait_for_reset, stuck, 2)
 
 
 async def register_many(client: Client, service: str, count: int) -> None:

@@ -57,7 +57,7 @@ class TcpConnections:
 
     def close_all(self) -> None:
         for connection in list(self.open):
-            connection.close()
+            connection.close(grace=False)
 
 
 class TcpResponder(asyncio.Protocol):
@@ -91,9 +91,24 @@ class TcpResponder(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.idle = loop.call_later(self.owner.idle_timeout, self.close)
 
-    def close(self) -> None:
+    def close(self, grace: bool = True) -> None:
+        """Close once pending answers are written; reset if the client does not read them
+        within one idle timeout (or at once without grace), so it cannot hold a slot."""
+        if self.transport is None:
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            if not grace:
+                self._reset()
+                return
+            if self.idle is not None:
+                self.idle.cancel()
+            loop = asyncio.get_running_loop()
+            self.idle = loop.call_later(self.owner.idle_timeout, self._reset)
+
+    def _reset(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
