@@ -27,6 +27,13 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{text!r} is not one of debug, info, warning, error")
+    return level
+
+
 # flag, type/parser, default, help
 _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--dns", HostPort.parse, "127.0.0.1:8053", "DNS listener HOST:PORT, UDP and TCP (port 0: any)"),
@@ -48,7 +55,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--workers", int, 1, "DNS worker processes sharing the port (SO_REUSEPORT)"),
     ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
     ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
-    ("--log-level", str, "info", "debug, info, warning or error"),
+    ("--log-level", _log_level, "info", "debug, info, warning or error"),
 ]
 
 

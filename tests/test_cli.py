@@ -212,8 +212,19 @@ async def test_repeated_zone_flag() -> None:
         (["--dns", "127.0.0.1:99999"], {}, "--dns"),
         (["--zone", "bad..zone"], {}, "zone"),
         (["--no-such-flag"], {}, "--no-such-flag"),
+        (["--log-level", "loud"], {}, "--log-level"),
+        (["--workers", "0"], {}, "--workers"),
     ],
-    ids=["bad-int", "min-above-max", "bad-env", "bad-port", "bad-zone", "unknown-flag"],
+    ids=[
+        "bad-int",
+        "min-above-max",
+        "bad-env",
+        "bad-port",
+        "bad-zone",
+        "unknown-flag",
+        "bad-log-level",
+        "no-workers",
+    ],
 )
 async def test_bad_option_exits_2(args: list[str], env: dict[str, str], mentions: str) -> None:
     code, _, stderr = await run_to_exit("serve", *LOOPBACK, *args, **env)
@@ -221,6 +232,20 @@ async def test_bad_option_exits_2(args: list[str], env: dict[str, str], mentions
     assert mentions in stderr
     assert "Traceback" not in stderr
     assert "usage:" in stderr
+
+
+@pytest.mark.parametrize("listener", ["--dns", "--http"])
+async def test_address_in_use_exits_1(listener: str) -> None:
+    with socket.socket() as taken, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if listener == "--dns":  # take the UDP side too: the DNS listener binds both
+            udp.bind(("127.0.0.1", port))
+        code, _, stderr = await run_to_exit("serve", *LOOPBACK, listener, f"127.0.0.1:{port}")
+    assert code == 1, stderr
+    assert "cannot start" in stderr
+    assert "Traceback" not in stderr
 
 
 async def test_help_lists_every_option() -> None:
