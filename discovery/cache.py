@@ -299,7 +299,8 @@ class CacheState:
             spec = instance.spec
             records.append(RR(name, SRV, ttl, Srv(spec.priority, spec.weight, port, target)))
             glue.setdefault(target, self._address_rr(target, instance))
-        return tuple(records), tuple(glue.values())
+        # one port number under two protocols is one SRV record (RFC 2181 5: no duplicates)
+        return tuple(dict.fromkeys(records)), tuple(glue.values())
 
     def rebuild_address(self, address: str) -> None:
         self._release(("address", address))
@@ -379,7 +380,9 @@ class Cache:
         self._notify()
 
     @staticmethod
-    def _finish(state: CacheState, services: set[ServiceKey], addresses: set[str], rev: int) -> None:
+    def _finish(
+        state: CacheState, services: set[ServiceKey], addresses: set[str], rev: int
+    ) -> None:
         for service in services:
             state.rebuild_service(service)
         for address in addresses:

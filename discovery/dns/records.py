@@ -3,8 +3,9 @@
 An answer for (qname, qtype) is encoded once, when the cache changes, as the bytes that
 follow the question in a response. The responder splices the query's ID, flags and
 question in front, so the per-query work is a dict lookup and a few byte concatenations.
-Compression pointers may point at the question (offset 12) because the echoed question
-has exactly the layout of the lower-case name the answer was encoded for.
+Owner names equal to the question point at it (offset 12) because the echoed question
+has exactly the layout of the lower-case name the answer was encoded for. No other name
+points into the question, so the client's spelling (0x20) never leaks into record data.
 """
 
 from __future__ import annotations
@@ -74,25 +75,16 @@ class _Writer:
 
     def __init__(self, qname: str | None) -> None:
         self.buf = bytearray()
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}  # suffixes written after the question
+        self.qname = qname
         self.compress = qname is not None
-        if qname is not None:
-            self.base = 12 + len(name_to_wire(qname)) + 4
-            self._remember(qname, 12)
-        else:
-            self.base = 0
+        self.base = 12 + len(name_to_wire(qname)) + 4 if qname is not None else 0
 
-    def _remember(self, name: str, offset: int) -> None:
-        labels = name.split(".") if name else []
-        for i in range(len(labels)):
-            suffix = ".".join(labels[i:])
-            if offset > 0x3FFF:
-                return
-            self.offsets.setdefault(suffix, offset)
-            offset += len(labels[i]) + 1
-
-    def name(self, name: str, compress: bool = True) -> None:
+    def name(self, name: str, compress: bool = True, owner: bool = False) -> None:
         """Write a name, pointing at an earlier copy of a suffix when `compress`."""
+        if owner and self.compress and name == self.qname:
+            self.buf += b"\xc0\x0c"  # the question, spelled as the client sent it
+            return
         labels = name.split(".") if name else []
         for i in range(len(labels)):
             suffix = ".".join(labels[i:])
@@ -108,7 +100,7 @@ class _Writer:
         self.buf.append(0)
 
     def rr(self, rr: RR) -> None:
-        self.name(rr.name)
+        self.name(rr.name, owner=True)
         self.buf += struct.pack(">HHI", rr.rtype, IN, rr.ttl)
         at = len(self.buf)
         self.buf += b"\x00\x00"

@@ -54,6 +54,7 @@ TCP_MAX = 65535
 _QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
 _ANY_ORDER = (A, AAAA, SRV, PTR, TXT, SOA, NS)
 _ZONE_TRANSFER = (251, 252)  # IXFR, AXFR
+_ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in _ZONE_TRANSFER)
 
 
 def _flag_table(rcode: int, aa: bool, ra: bool) -> tuple[bytes, ...]:
@@ -130,7 +131,7 @@ class Resolver:
         node = state.names.get(name)
         if node is None:
             zone = self._zone_of_wire(q, end)
-            if zone is None:
+            if zone is None or q[end + 1 : end + 3] in _ZONE_TRANSFER_WIRE:
                 return None
             flags = self._nx
             found: Answer | None = None
@@ -152,7 +153,7 @@ class Resolver:
                 self._turn += 1
                 body = bodies[self._turn % len(bodies)]
             counts = found.counts_edns if edns else found.counts
-        if not tcp and qend + len(body) + (11 if edns else 0) > limit:
+        if qend + len(body) + (11 if edns else 0) > (TCP_MAX if tcp else limit):
             return None  # needs truncation
         head = q[:2] + flags[(q[2] & 1) | (q[3] & 0x10) >> 3] + counts
         if edns:
@@ -161,6 +162,12 @@ class Resolver:
 
     def _zone_of_wire(self, q: bytes, end: int) -> Zone | None:
         """The zone of a well-formed question name ending at `end`, walking its labels."""
+        if end - 11 > 255:
+            return None  # over 255 bytes: FORMERR on the full path
+        try:
+            q[12:end].decode()
+        except UnicodeDecodeError:
+            return None  # dnslib rejects non-UTF-8 labels: keep both paths alike
         starts = []
         i = 12
         while i < end:
@@ -187,15 +194,17 @@ class Resolver:
             query = DNSRecord.parse(q)
         except Exception:  # dnslib raises many types on hostile input
             return _header_only(q, FORMERR)
+        if not all(_encodable(question.qname) for question in query.questions):
+            return _header_only(q, FORMERR)  # dnslib cannot echo such a question
         header = query.header
         reply = DNSRecord(
-            DNSHeader(id=header.id, qr=1, opcode=header.opcode, rd=header.rd, ra=int(self.recursion))
+            DNSHeader(
+                id=header.id, qr=1, opcode=header.opcode, rd=header.rd, ra=int(self.recursion)
+            )
         )
         reply.header.cd = header.cd
-        if header.opcode != 0:
-            return self._finish(reply, query, NOTIMP)
         opts = [rr for rr in query.ar if rr.rtype == OPT]
-        if len(query.questions) != 1 or len(opts) > 1 or any(o.rname.label for o in opts):
+        if len(opts) > 1 or any(o.rname.label for o in opts):
             return self._finish(reply, query, FORMERR)
         limit = TCP_MAX if tcp else UDP_MIN
         if opts:
@@ -205,6 +214,10 @@ class Resolver:
             if (opts[0].ttl >> 16) & 0xFF:
                 reply.ar[-1].ttl = (BADVERS >> 4) << 24
                 return self._finish(reply, query, NOERROR)
+        if header.opcode != 0:
+            return self._finish(reply, query, NOTIMP)
+        if len(query.questions) != 1:
+            return self._finish(reply, query, FORMERR)
         question = query.questions[0]
         reply.add_question(question)
         if question.qclass != IN:
@@ -247,7 +260,7 @@ class Resolver:
     def _finish(
         self, reply: DNSRecord, query: DNSRecord, rcode: int, limit: int = TCP_MAX
     ) -> bytes:
-        if not reply.questions and rcode in (FORMERR, NOTIMP) and len(query.questions) == 1:
+        if not reply.questions and len(query.questions) == 1:
             reply.add_question(query.questions[0])
         reply.header.rcode = rcode
         data = bytes(reply.pack())
@@ -255,20 +268,36 @@ class Resolver:
             return data
         # Drop additional RRsets from the end (no TC needed: RFC 2181 9), keeping OPT.
         opt = [rr for rr in reply.ar if rr.rtype == OPT]
-        extra = [rr for rr in reply.ar if rr.rtype != OPT]
-        while extra and len(data) > limit:
-            last = (extra[-1].rname, extra[-1].rtype)
-            while extra and (extra[-1].rname, extra[-1].rtype) == last:
-                extra.pop()
-            reply.ar = extra + opt
-            data = bytes(reply.pack())
-        if len(data) > limit:
-            reply.rr = []
-            reply.ar = opt
-            reply.header.tc = 1
-            self.stats.truncated += 1
-            data = bytes(reply.pack())
-        return data
+        rrsets: list[list[LibRR]] = []
+        for rr in reply.ar:
+            if rr.rtype == OPT:
+                continue
+            if rrsets and (rrsets[-1][0].rname, rrsets[-1][0].rtype) == (rr.rname, rr.rtype):
+                rrsets[-1].append(rr)
+            else:
+                rrsets.append([rr])
+
+        def keep(count: int) -> bytes:
+            reply.ar = [rr for rrset in rrsets[:count] for rr in rrset] + opt
+            return bytes(reply.pack())
+
+        # Binary search for the most RRsets that fit: one pack per step, not per RRset.
+        fits, too_many = 0, len(rrsets)
+        data = keep(0) if rrsets else data
+        if len(data) <= limit:
+            while too_many - fits > 1:
+                middle = (fits + too_many) // 2
+                candidate = keep(middle)
+                if len(candidate) <= limit:
+                    fits, data = middle, candidate
+                else:
+                    too_many = middle
+            return data
+        reply.rr = []
+        reply.ar = opt
+        reply.header.tc = 1
+        self.stats.truncated += 1
+        return bytes(reply.pack())
 
 
 def _zone_of_labels(zones: list[Zone], labels: tuple[bytes, ...]) -> Zone | None:
@@ -279,6 +308,11 @@ def _zone_of_labels(zones: list[Zone], labels: tuple[bytes, ...]) -> Zone | None
         ):
             return zone
     return None
+
+
+def _encodable(name: DNSLabel) -> bool:
+    """True when the name fits the wire limits (labels <= 63, name <= 255 bytes)."""
+    return len(name) <= 253 and all(len(label) <= 63 for label in name.label)
 
 
 def _header_only(q: bytes, rcode: int) -> bytes:
@@ -312,4 +346,3 @@ def _lib_rr(rr: RR, owner: DNSLabel | None = None) -> LibRR:
     else:
         raise ValueError(f"no conversion for type {rr.rtype}")
     return LibRR(owner if owner is not None else rr.name + ".", rr.rtype, IN, rr.ttl, rdata)
-
