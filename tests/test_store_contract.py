@@ -170,6 +170,22 @@ async def test_load_returns_the_prefix_at_one_revision(store: Store) -> None:
     assert {kv.key for kv in everything.items} == set(written) | set(outside)
 
 
+async def test_prefix_ending_in_0xff_selects_only_its_keys(store: Store) -> None:
+    prefix = b"/t/a\xff"
+    inside = [prefix, prefix + b"\x00", prefix + b"\xff\xff"]
+    outside = [b"/t/a", b"/t/a\xfe", b"/t/b", b"/t/b\xff", b"/t/b\xff\x01"]
+    start = await store.revision() + 1
+    for key in outside + inside:
+        await store.put(key, b"v")
+    assert [kv.key for kv in (await store.load(prefix)).items] == sorted(inside)
+    async with watching(store, prefix, start) as watch:
+        events = await watch.take(len(inside))
+        await store.put(b"/t/b\xff", b"again")
+        await store.put(prefix, b"again")
+        events += await watch.take(1)
+    assert [e.key for e in events] == [*inside, prefix]
+
+
 async def test_watch_replays_history_then_delivers_live_events(store: Store) -> None:
     lease = await store.grant(30)
     await store.put(P + b"old", b"before R")

@@ -57,12 +57,15 @@ _CHANNEL_OPTIONS = {
 
 
 def _range_end(prefix: bytes) -> bytes:
-    """The range_end that selects every key starting with prefix (all keys for b"")."""
-    if not prefix:
-        return b"\0"
-    end = aetcd.utils.prefix_range_end(prefix)
-    # prefix made only of 0xff bytes: no upper bound, "every key from prefix on"
-    return b"\0" if end == prefix else bytes(end)
+    """The range_end that selects exactly the keys starting with prefix.
+
+    Not aetcd.utils.prefix_range_end: for a prefix ending in 0xff it keeps the trailing bytes
+    (b"a\xff" -> b"b\xff"), a range that reaches keys outside the prefix.
+    """
+    for i in reversed(range(len(prefix))):
+        if prefix[i] < 0xFF:
+            return prefix[:i] + bytes([prefix[i] + 1])
+    return b"\0"  # b"" or only 0xff bytes: every key from prefix on
 
 
 def _range_start(prefix: bytes) -> bytes:
@@ -255,6 +258,9 @@ class EtcdStore:
             except aetcd.exceptions.ClientError as e:
                 errors.append(str(e))
             else:
+                if self._closed:
+                    await client.close()
+                    self._check_open()
                 self._next = index
                 self._client = client
                 return client
@@ -348,7 +354,9 @@ class EtcdStore:
             return [reply async for reply in call]
 
         replies = await self._call(op)
-        if not replies or replies[0].TTL <= 0:
+        if not replies:
+            raise StoreUnavailable("etcd ended the keepalive stream without an answer")
+        if replies[0].TTL <= 0:
             raise LeaseNotFound(f"lease {lease:x} not found")
         return int(replies[0].TTL)
 
