@@ -268,11 +268,11 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
         else:
             index = int(index_text)
     if wait_text is not None:
-        match = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m)?", wait_text)
+        match = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(ms|s|m|h)?", wait_text)
         if match is None:
             errors.append({"field": "wait", "message": "must be a duration like 500ms, 30s or 5m"})
         else:
-            unit = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+            unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
             wait = min(MAX_WAIT, float(match.group(1)) * unit)
     if errors:
         raise _invalid(errors)

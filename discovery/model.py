@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DEFAULT_LEASE_TTL = 30
@@ -25,7 +25,7 @@ class Port(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Label
-    port: int = Field(ge=1, le=65535)
+    port: StrictInt = Field(ge=1, le=65535)
     protocol: Literal["tcp", "udp", "sctp"] = "tcp"
 
 
@@ -34,11 +34,11 @@ class Registration(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: str
+    address: StrictStr
     ports: tuple[Port, ...] = ()
-    ttl: int = Field(default=DEFAULT_LEASE_TTL, ge=1)
-    priority: int = Field(default=0, ge=0, le=65535)
-    weight: int = Field(default=100, ge=0, le=65535)
+    ttl: StrictInt = Field(default=DEFAULT_LEASE_TTL, ge=1)
+    priority: StrictInt = Field(default=0, ge=0, le=65535)
+    weight: StrictInt = Field(default=100, ge=0, le=65535)
     tags: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = Field(
         default=(), max_length=64
     )

@@ -39,6 +39,7 @@ class Watcher:
         self.probe_interval = probe_interval
         self.reloads = 0
         self.resumes = 0
+        self.failures = 0
         self._needs_load = True
 
     async def run(self) -> None:
@@ -63,7 +64,12 @@ class Watcher:
                 self.reloads += 1
                 self._needs_load = True
                 log.warning("watch history compacted (%s): reloading the registry", error)
-            except StoreError as error:
+            except Exception as error:
+                if not isinstance(error, StoreError):
+                    # A bug, not an outage: start over from a full load rather than die.
+                    log.exception("watch failed unexpectedly: reloading the registry")
+                    self.failures += 1
+                    self._needs_load = True
                 self.resumes += 1
                 self.cache.mark_contact(False)
                 delay = backoff.next_delay()
