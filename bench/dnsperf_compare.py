@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -448,6 +449,38 @@ class Run:
     rcodes: dict[str, int]
     response_bytes: int
     command: str
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # the server's own CPU time (all its threads) during the run
+    cpu1_busy_s: float = 0.0  # everything that ran on the server's CPU meanwhile
+    client_cpu_s: float = 0.0  # dnsperf's CPU time
+    cpu0_busy_s: float = 0.0  # everything that ran on dnsperf's CPU meanwhile
+
+    @property
+    def cpu_share(self) -> float:
+        """How much of its CPU the server used: below 100% it waited for queries or for CPU."""
+        return self.cpu_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def others_share(self) -> float:
+        """Time other processes (and interrupts) took on the server's CPU during the run."""
+        return max(0.0, self.cpu1_busy_s - self.cpu_s) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def client_others_share(self) -> float:
+        """Time other processes took on dnsperf's CPU during the run."""
+        busy = self.cpu0_busy_s - self.client_cpu_s
+        return max(0.0, busy) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def neighbours(self) -> str:
+        return f"{self.others_share:.0%} / {self.client_others_share:.0%}"
+
+    @property
+    def us_per_query(self) -> float:
+        """The server's CPU time per answered query: much less noisy than queries/s on a
+        shared machine, since time taken by neighbours is not counted."""
+        done = self.sent - self.lost
+        return self.cpu_s / done * 1e6 if done else float("nan")
 
 
 _FIELDS = {
@@ -475,6 +508,43 @@ def parse_dnsperf(text: str) -> dict[str, Any]:
         else {}
     )
     return values
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+
+
+def _cpu_busy(cpu: str) -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            ticks = [int(x) for x in line.split()[1:]]
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK  # all but idle and iowait
+    return 0.0
+
+
+def measure(
+    procs: Procs, server: Proc, mode: str, rnd: int, slot: int, query_file: Path, seconds: int,
+    qps_limit: int | None = None,
+) -> Run:  # fmt: skip
+    def children() -> float:  # dnsperf's CPU time once it has been waited for
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    cpu0, busy0, wall0 = _proc_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
+    client0, cbusy0 = children(), _cpu_busy(CLIENT_CPU)
+    values, cmd = dnsperf(procs, server.name, server.port, query_file, seconds, mode == "edns",
+                          qps_limit)  # fmt: skip
+    cpu1, busy1, wall1 = _proc_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
+    client1, cbusy1 = children(), _cpu_busy(CLIENT_CPU)
+    return Run(server.name, mode, rnd, slot, values["qps"], values["avg"] * 1000,
+               values["max"] * 1000, values["stddev"] * 1000, int(values["sent"]),
+               int(values["lost"]), values["rcodes"], int(values["response"]), cmd,
+               wall1 - wall0, cpu1 - cpu0, busy1 - busy0, client1 - client0,
+               cbusy1 - cbusy0)  # fmt: skip
 
 
 def dnsperf(
@@ -574,7 +644,9 @@ def build_rows(runs: list[Run], rounds: int) -> list[Row]:
 
 def table_lines(rows: list[Row]) -> list[str]:
     head = ("server", "mode", "queries/s (median)", "min-max", "avg latency ms", "max latency ms",
-            "lost", "response bytes", "discovery/dnsmasq per round (median)")  # fmt: skip
+            "lost", "response bytes", "server CPU us/query",
+            f"neighbours on CPU {SERVER_CPU} / {CLIENT_CPU}",
+            "discovery/dnsmasq queries/s per round (median)")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         qps = row.qps
@@ -593,6 +665,9 @@ def table_lines(rows: list[Row]) -> list[str]:
                     f"{max(r.max_ms for r in row.runs):.3f}",
                     f"{sum(r.lost for r in row.runs)} of {sum(r.sent for r in row.runs):,}",
                     str(row.runs[0].response_bytes),
+                    f"{_median([r.us_per_query for r in row.runs]):.2f}",
+                    f"{_median([r.others_share for r in row.runs]):.0%} / "
+                    f"{_median([r.client_others_share for r in row.runs]):.0%}",
                     ratio,
                 )
             )
@@ -603,26 +678,56 @@ def table_lines(rows: list[Row]) -> list[str]:
 
 def fixed_lines(fixed: list[Run]) -> list[str]:
     head = ("server", "asked queries/s", "got queries/s", "avg latency ms", "stddev ms",
-            "max latency ms", "lost")  # fmt: skip
+            "max latency ms", "lost", f"neighbours on CPU {SERVER_CPU} / {CLIENT_CPU}")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in fixed:
         lines.append(
             f"| {r.server} | {r.command.split('-Q ')[1].split()[0]} | {r.qps:,.0f} | "
-            f"{r.avg_ms:.3f} | {r.stddev_ms:.3f} | {r.max_ms:.3f} | {r.lost} of {r.sent:,} |"
+            f"{r.avg_ms:.3f} | {r.stddev_ms:.3f} | {r.max_ms:.3f} | {r.lost} of {r.sent:,} | "
+            f"{r.neighbours} |"
         )
     return lines
 
 
 def raw_lines(runs: list[Run]) -> list[str]:
-    lines = ["| round | slot | mode | server | queries/s | avg ms | max ms | lost | rcodes |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| round | slot | mode | server | queries/s | avg ms | max ms | lost | server CPU "
+             "| us/query | neighbours on CPU 1 / 0 | rcodes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(runs, key=lambda r: (r.round, MODES.index(r.mode), r.order)):
         codes = ", ".join(f"{k} {v}" for k, v in sorted(r.rcodes.items()))
         lines.append(
             f"| {r.round + 1} | {r.order + 1} | {r.mode} | {r.server} | {r.qps:,.0f} | "
-            f"{r.avg_ms:.3f} | {r.max_ms:.3f} | {r.lost} | {codes} |"
+            f"{r.avg_ms:.3f} | {r.max_ms:.3f} | {r.lost} | {r.cpu_share:.0%} | "
+            f"{r.us_per_query:.2f} | {r.neighbours} | {codes} |"
         )
     return lines
+
+
+def _grouped_bars(ax: Any, rows: list[Row], metric: Any, fmt: str, colors: dict[str, str]) -> None:
+    """Median of the rounds per server and mode, whiskers from min to max."""
+    width = 0.38
+    top = 0.0
+    for offset, mode in ((-width / 2, "plain"), (width / 2, "edns")):
+        xs, heights, lo, hi = [], [], [], []
+        for i, server in enumerate(SERVERS):
+            row = next((r for r in rows if r.server == server and r.mode == mode), None)
+            if row is None:
+                continue
+            values = [metric(run) for run in row.runs]
+            med = _median(values)
+            xs.append(i + offset)
+            heights.append(med)
+            lo.append(med - min(values))
+            hi.append(max(values) - med)
+            top = max(top, max(values))
+        label = "EDNS (dnsperf -e)" if mode == "edns" else "plain"
+        drawn = ax.bar(xs, heights, width, yerr=[lo, hi], capsize=4, label=label,
+                       color=colors[mode])  # fmt: skip
+        ax.bar_label(drawn, labels=[fmt.format(h) for h in heights], padding=3, fontsize=9)
+    ax.set_xticks(range(len(SERVERS)), ["discovery", "dnsmasq", "uvloop echo\n(ceiling)"])
+    ax.set_ylim(0, top * 1.2 or 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -631,32 +736,16 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, ratios) = plt.subplots(
-        1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2.2, 1]}, layout="constrained"
+    fig, (bars, cost, ratios) = plt.subplots(
+        1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [1.6, 1.3, 1]}, layout="constrained"
     )
-    width = 0.38
     colors = {"plain": "#4C72B0", "edns": "#DD8452"}
-    for offset, mode in ((-width / 2, "plain"), (width / 2, "edns")):
-        xs, heights, lo, hi = [], [], [], []
-        for i, server in enumerate(SERVERS):
-            row = next((r for r in rows if r.server == server and r.mode == mode), None)
-            if row is None:
-                continue
-            med = _median(row.qps)
-            xs.append(i + offset)
-            heights.append(med / 1000)
-            lo.append((med - min(row.qps)) / 1000)
-            hi.append((max(row.qps) - med) / 1000)
-        label = "EDNS (dnsperf -e)" if mode == "edns" else "plain"
-        drawn = bars.bar(xs, heights, width, yerr=[lo, hi], capsize=4, label=label,
-                         color=colors[mode])  # fmt: skip
-        bars.bar_label(drawn, labels=[f"{h:.0f}k" for h in heights], padding=3, fontsize=9)
-    bars.set_xticks(range(len(SERVERS)), ["discovery", "dnsmasq", "uvloop echo\n(ceiling)"])
+    _grouped_bars(bars, rows, lambda r: r.qps / 1000, "{:.0f}k", colors)
     bars.set_ylabel("thousand queries/s")
-    bars.set_title("Queries/s: median of rounds, whiskers min-max (dnsperf -c 1)")
-    bars.legend(loc="upper left")
-    bars.set_ylim(0, max((max(r.qps) for r in rows), default=1) / 1000 * 1.18)
-    bars.grid(axis="y", alpha=0.3)
+    bars.set_title("Queries/s (median of rounds, whiskers min-max)")
+    _grouped_bars(cost, rows, lambda r: r.us_per_query, "{:.2f}", colors)
+    cost.set_ylabel("server CPU microseconds per query")
+    cost.set_title("Server CPU time per query (lower is better)")
 
     for mode in MODES:
         row = next((r for r in rows if r.server == "discovery" and r.mode == mode), None)
@@ -667,7 +756,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ratios.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ratios.set_xlabel("round")
     ratios.set_ylabel("discovery / dnsmasq (queries/s)")
-    ratios.set_title("Ratio per round (1.0 = as fast as dnsmasq)")
+    ratios.set_title("discovery / dnsmasq, per round")
     ratios.legend(loc="best")
     ratios.grid(alpha=0.3)
     all_ratios = [x for r in rows for x in r.ratios] or [1.0]
@@ -703,6 +792,16 @@ def write_markdown(
         f"{', '.join(verdict) or 'n/a'} (target of issue 4: at least 1.00 in both modes).",
         f"* Queries lost by discovery over all runs: {lost}.",
     ]
+    for label, mode in (("plain", "plain"), ("EDNS", "edns")):
+        cost = {r.server: _median([x.us_per_query for x in r.runs]) for r in rows if r.mode == mode}
+        if "discovery" in cost and DNSMASQ in cost:
+            text.append(
+                f"* Server CPU time per answered query, {label}: discovery {cost['discovery']:.2f}"
+                f" us, dnsmasq {cost[DNSMASQ]:.2f} us, uvloop echo "
+                f"{cost.get('uvloop echo', float('nan')):.2f} us (dnsmasq/discovery "
+                f"{cost[DNSMASQ] / cost['discovery']:.2f}; this measure leaves out the time "
+                "neighbours took, so it is steadier than queries/s here)."
+            )
     if fixed_disc:
         ok = "met" if fixed_disc.avg_ms < 0.1 else "NOT met"
         text.append(
@@ -754,6 +853,11 @@ def write_markdown(
         *table_lines(rows),
         "",
         "Latency columns: the median of the rounds' averages and the largest maximum. "
+        "Server CPU us/query: the server process's user+system time during the run (from "
+        "/proc) divided by the queries answered, median of the rounds. Neighbours: the share of "
+        f"the time of CPU {SERVER_CPU} (the server's) and CPU {CLIENT_CPU} (dnsperf's) that went "
+        "to anything but the server and dnsperf (other engineers' test suites, interrupts), "
+        "median of the rounds. "
         "Response bytes: dnsperf's average response size; discovery's NXDOMAIN answers carry "
         "the zone's SOA (dnsmasq's carry none), so its responses are a little larger.",
         "",
@@ -775,7 +879,15 @@ def write_markdown(
         "and it has only 2 cores, so a busy neighbour takes time from the server's or from "
         "dnsperf's core. Single runs can be off by 10% or more; that is why the servers "
         "alternate within each round, the ratio is computed per round and the medians are "
-        "reported with their min-max. Compare ratios rather than absolute numbers across runs.",
+        "reported with their min-max. Compare ratios rather than absolute numbers across runs. "
+        "The neighbours column says how much of each core went elsewhere during a run. Where the "
+        "server CPU column of the last table is well below 100%, the server was waiting for "
+        "queries: dnsperf, on a core shared with neighbours too, was the limit, and queries/s "
+        "says more about the client than the server. Server CPU time per query does not count "
+        "the neighbours' time and is the steadier figure for comparing the servers' own cost "
+        "(neighbours still cost some of it through shared caches). The fixed-rate latency is "
+        "the most exposed: a server that sleeps between queries waits for its core to be "
+        "scheduled whenever a neighbour holds it.",
         "",
         "## discovery's log during the run (warning and above)",
         "",
@@ -856,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             check_echo(echo.port)
             log("answers checked: " + checks[0])
-            ports = {"discovery": discovery.port, "dnsmasq": dnsm.port, "uvloop echo": echo.port}
+            by_name = {"discovery": discovery, DNSMASQ: dnsm, "uvloop echo": echo}
             runs: list[Run] = []
             for rnd in range(args.rounds):
                 order = list(SERVERS[rnd % 3 :] + SERVERS[: rnd % 3])
@@ -865,25 +977,21 @@ def main(argv: list[str] | None = None) -> int:
                         for proc in procs.running:
                             if proc.popen.poll() is not None:
                                 raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
-                        values, cmd = dnsperf(procs, server, ports[server], query_file,
-                                              args.duration, mode == "edns")  # fmt: skip
-                        run = Run(server, mode, rnd, slot, values["qps"], values["avg"] * 1000,
-                                  values["max"] * 1000, values["stddev"] * 1000,
-                                  int(values["sent"]), int(values["lost"]), values["rcodes"],
-                                  int(values["response"]), cmd)  # fmt: skip
+                        run = measure(procs, by_name[server], mode, rnd, slot, query_file,
+                                      args.duration)  # fmt: skip
                         runs.append(run)
                         log(f"round {rnd + 1}/{args.rounds} {mode:5} {server:12} "
                             f"{run.qps:9,.0f} q/s  avg {run.avg_ms:.3f} ms  "
-                            f"max {run.max_ms:.3f} ms  lost {run.lost}")  # fmt: skip
+                            f"max {run.max_ms:.3f} ms  lost {run.lost}  "
+                            f"{run.us_per_query:.2f} us CPU/query  server CPU "
+                            f"{run.cpu_share:.0%}, neighbours {run.neighbours}")  # fmt: skip
             fixed: list[Run] = []
             for server in ("discovery", "dnsmasq"):
-                values, cmd = dnsperf(procs, server, ports[server], query_file,
-                                      args.fixed_duration, False, args.fixed_qps)  # fmt: skip
-                fixed.append(Run(server, "plain", 0, 0, values["qps"], values["avg"] * 1000,
-                                 values["max"] * 1000, values["stddev"] * 1000,
-                                 int(values["sent"]), int(values["lost"]), values["rcodes"],
-                                 int(values["response"]), cmd))  # fmt: skip
-                log(f"fixed {args.fixed_qps} q/s {server}: avg {values['avg'] * 1000:.3f} ms")
+                run = measure(procs, by_name[server], "plain", 0, 0, query_file,
+                              args.fixed_duration, args.fixed_qps)  # fmt: skip
+                fixed.append(run)
+                log(f"fixed {args.fixed_qps} q/s {server}: avg {run.avg_ms:.3f} ms, "
+                    f"neighbours on CPU {SERVER_CPU} / {CLIENT_CPU}: {run.neighbours}")  # fmt: skip
             load.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
             # the rcode mix under load must match the query file: 10% NXDOMAIN
             for run in runs:
