@@ -336,6 +336,7 @@ class Cache:
         self.last_contact = 0.0  # monotonic time of the last word from the store
         self.store_healthy = False
         self._changed: asyncio.Future[None] | None = None
+        self.closed = False
 
     @property
     def revision(self) -> int:
@@ -394,6 +395,11 @@ class Cache:
         if healthy:
             self.last_contact = time.monotonic()
 
+    def close(self) -> None:
+        """Wake every waiter for good: the server is shutting down."""
+        self.closed = True
+        self._notify()
+
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
@@ -405,7 +411,7 @@ class Cache:
         deadline = loop.time() + timeout
         while not predicate():
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self.closed:
                 return False
             if self._changed is None:
                 self._changed = loop.create_future()

@@ -134,6 +134,7 @@ class Server:
             self._connections.close_all()
         if self._tcp is not None:
             await self._tcp.wait_closed()
+        self.cache.close()  # long polls answer now with what they have
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:

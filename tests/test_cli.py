@@ -263,10 +263,6 @@ async def test_no_command_exits_2() -> None:
     assert "usage:" in stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cache.wait has no way to end early: aiohttp waits 2 x shutdown_timeout (10 s) for it",
-)
 async def test_shutdown_with_a_long_poll_in_flight_is_prompt() -> None:
     polling = asyncio.Event()
     async with aiohttp.ClientSession() as session:
