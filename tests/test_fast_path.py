@@ -214,7 +214,7 @@ def assert_same(wire: bytes, tcp: bool, fast: bytes) -> None:
 # fast == full on generated queries
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(queries())
 def test_fast_and_full_agree(case: tuple[bytes, bool]) -> None:
     wire, tcp = case
@@ -379,7 +379,7 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, bool]:
     return bytes(data), tcp
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(mutated())
 def test_mutated_queries(case: tuple[bytes, bool]) -> None:
     wire, tcp = case
