@@ -833,7 +833,8 @@ def write_markdown(
         "TTL discovery gives). The query file has "
         f"{args.lines:,} lines: 80% A hits, 10% SRV hits, 10% names that do not exist, shuffled.",
         "",
-        "Each server runs alone on CPU 1 (`taskset -c 1`), dnsperf on CPU 0 "
+        "The three servers are pinned to CPU 1 (`taskset -c 1`) and measured one at a time "
+        "(the others sit idle), dnsperf on CPU 0 "
         f"(`taskset -c 0 dnsperf -c 1 -l {args.duration}`, at most 100 queries in flight, so "
         "latency at full speed is mostly queueing). "
         f"{args.rounds} rounds; in each round every server is measured plain and with `-e` "
