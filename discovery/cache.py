@@ -28,7 +28,8 @@ from .dns.records import (
     Answer,
     Negative,
     Soa,
-    Srv,
+    SrvTarget,
+    address_bytes,
     name_to_wire,
 )
 from .model import Instance, InstanceKey, decode_registration
@@ -92,12 +93,14 @@ class CacheState:
             zone = Zone(zone_name, name_to_wire(zone_name), self._negative(zone_name))
             self.zones.append(zone)
         self.zones.sort(key=lambda z: -len(z.wire))
+        self.zones_by_name = {zone.name: zone for zone in self.zones}
+        self._forward = [self.zones_by_name[name] for name in self.settings.zones]
         self._build_static()
 
     # zone data
 
     def forward_zones(self) -> list[Zone]:
-        return [zone for zone in self.zones if zone.name not in REVERSE_ZONES]
+        return self._forward
 
     def zone_of(self, name: str) -> Zone | None:
         for zone in self.zones:
@@ -125,13 +128,8 @@ class CacheState:
             self._set(zone.name, zone, self._apex_types(zone))
             if zone.name in REVERSE_ZONES:
                 continue
-            ns_name = f"ns.dns.{zone.name}"
-            ns_types: dict[int, tuple[RR, ...]] = {}
-            if self.settings.ns_address:
-                address = self.settings.ns_address
-                rtype = AAAA if ":" in address else A
-                ns_types[rtype] = (RR(ns_name, rtype, ttl, address),)
-            self._set(ns_name, zone, ns_types)
+            glue = self._ns_records(zone.name)
+            self._set(f"ns.dns.{zone.name}", zone, {rr.rtype: (rr,) for rr in glue})
             self._set(f"dns.{zone.name}", zone, {})
             self._set(f"svc.{zone.name}", zone, {})
             version = f"dns-version.{zone.name}"
@@ -159,12 +157,16 @@ class CacheState:
         )
         return wire
 
+    def _ns_records(self, zone: str) -> tuple[RR, ...]:
+        """The A/AAAA of ns.dns.<zone>, when the listener names one address."""
+        address = self.settings.ns_address
+        if not address:
+            return ()
+        rtype = AAAA if ":" in address else A
+        return (RR(f"ns.dns.{zone}", rtype, self.settings.dns_ttl, address),)
+
     def _apex_glue(self, zone: Zone) -> dict[int, tuple[RR, ...]]:
-        node = self.names.get(name_to_wire(f"ns.dns.{self.settings.zones[0]}"))
-        if node is None:
-            return {}
-        glue = tuple(rr for answer in node.types.values() for rr in answer.answer)
-        return {NS: glue}
+        return {NS: self._ns_records(self.settings.zones[0])}
 
     def finish(self, revision: int) -> None:
         """Stamp the revision: SOA serials and negative answers carry it."""
@@ -240,85 +242,107 @@ class CacheState:
     def _ttl(self, instance: Instance) -> int:
         return min(self.settings.dns_ttl, instance.spec.ttl)
 
-    def _address_rr(self, name: str, instance: Instance, ttl: int | None = None) -> RR:
-        rtype = AAAA if instance.is_ipv6 else A
-        return RR(name, rtype, self._ttl(instance) if ttl is None else ttl, instance.spec.address)
+    def _node(self, wire: bytes, zone: Zone, types: dict[bytes, Answer]) -> bytes:
+        self.names[wire] = Node(zone, types)
+        return wire
 
     def _build_instance(self, instance: Instance) -> None:
-        owned = []
-        for zone in self.forward_zones():
-            fqdn = instance_name(instance.key, zone.name)
-            rr = self._address_rr(fqdn, instance)
-            owned.append(self._set(fqdn, zone, {rr.rtype: (rr,)}))
-        self._owned[instance.key] = owned
+        rtype, _ = address_bytes(instance.spec.address)
+        answer = Answer.addresses(self._ttl(instance), [instance.spec.address])
+        label = _label(instance.key.name)
+        self._owned[instance.key] = [
+            self._node(label + self._service_wire(instance.key.service_key, zone), zone,
+                       {TYPE_KEYS[rtype]: answer})
+            for zone in self.forward_zones()
+        ]
+
+    @staticmethod
+    def _service_wire(service: ServiceKey, zone: Zone) -> bytes:
+        ns, svc = service
+        return _label(svc) + _label(ns) + b"\x03svc" + zone.wire
 
     def rebuild_service(self, service: ServiceKey) -> None:
         self._release(("service", service))
         instances = sorted(self.services.get(service, {}).values(), key=lambda i: i.key.name)
         if not instances:
             return
-        ns, svc = service
+        by_type: dict[int, list[Instance]] = defaultdict(list)
+        by_port: dict[tuple[str, str], list[tuple[Instance, int]]] = defaultdict(list)
+        for instance in instances:
+            by_type[address_bytes(instance.spec.address)[0]].append(instance)
+            for port in instance.spec.ports:
+                by_port[(port.name, port.protocol)].append((instance, port.port))
+        all_ports = sorted(
+            (pair for pairs in by_port.values() for pair in pairs),
+            key=lambda pair: (pair[0].key.name, pair[1]),
+        )
         owned: list[bytes] = []
         for zone in self.forward_zones():
-            base = f"{svc}.{ns}.svc.{zone.name}"
-            by_type: dict[int, list[Instance]] = defaultdict(list)
-            srv_by_port: dict[tuple[str, str], list[tuple[Instance, int]]] = defaultdict(list)
-            for instance in instances:
-                by_type[AAAA if instance.is_ipv6 else A].append(instance)
-                for port in instance.spec.ports:
-                    srv_by_port[(port.name, port.protocol)].append((instance, port.port))
-            types: dict[int, tuple[RR, ...]] = {}
-            for rtype, group in by_type.items():
-                ttl = min(self._ttl(i) for i in group)
-                types[rtype] = tuple(self._address_rr(base, i, ttl) for i in group)
-            all_srv = [pair for pairs in srv_by_port.values() for pair in pairs]
-            extra: dict[int, tuple[RR, ...]] = {}
-            if all_srv:
-                types[SRV], extra[SRV] = self._srv(base, all_srv, zone.name)
-            owned.append(self._set(base, zone, types, extra))
+            base = self._service_wire(service, zone)
+            types = {
+                TYPE_KEYS[rtype]: Answer.addresses(
+                    min(self._ttl(i) for i in group), [i.spec.address for i in group]
+                )
+                for rtype, group in by_type.items()
+            }
+            if all_ports:
+                types[TYPE_KEYS[SRV]] = self._srv(base, all_ports, base)
+            owned.append(self._node(base, zone, types))
             protocols = set()
-            for (port_name, protocol), pairs in sorted(srv_by_port.items()):
-                name = f"_{port_name}._{protocol}.{base}"
-                srv, glue = self._srv(name, pairs, zone.name)
-                owned.append(self._set(name, zone, {SRV: srv}, {SRV: glue}))
+            for (port_name, protocol), pairs in sorted(by_port.items()):
+                wire = _label(f"_{port_name}") + _label(f"_{protocol}") + base
+                owned.append(self._node(wire, zone, {TYPE_KEYS[SRV]: self._srv(wire, pairs, base)}))
                 protocols.add(protocol)
             for protocol in sorted(protocols):
-                owned.append(self._set(f"_{protocol}.{base}", zone, {}))
-            if wire := self._ent(f"{ns}.svc.{zone.name}", zone):
-                owned.append(wire)
+                owned.append(self._node(_label(f"_{protocol}") + base, zone, {}))
+            if ent := self._ent(f"{service[0]}.svc.{zone.name}", zone):
+                owned.append(ent)
         self._owned[("service", service)] = owned
 
-    def _srv(
-        self, name: str, pairs: list[tuple[Instance, int]], zone: str
-    ) -> tuple[tuple[RR, ...], tuple[RR, ...]]:
-        ttl = min(self._ttl(i) for i, _ in pairs)
-        records = []
-        glue: dict[str, RR] = {}
-        for instance, port in sorted(pairs, key=lambda p: (p[0].key.name, p[1])):
-            target = instance_name(instance.key, zone)
-            spec = instance.spec
-            records.append(RR(name, SRV, ttl, Srv(spec.priority, spec.weight, port, target)))
-            glue.setdefault(target, self._address_rr(target, instance))
+    def _srv(self, qname: bytes, pairs: list[tuple[Instance, int]], base: bytes) -> Answer:
+        targets = [
+            SrvTarget(
+                instance.spec.priority,
+                instance.spec.weight,
+                port,
+                _label(instance.key.name) + base,
+                instance.spec.address,
+                self._ttl(instance),
+            )
+            for instance, port in pairs
+        ]
         # one port number under two protocols is one SRV record (RFC 2181 5: no duplicates)
-        return tuple(dict.fromkeys(records)), tuple(glue.values())
+        unique = list(dict.fromkeys(targets))
+        return Answer.services(qname, min(t.ttl for t in unique), unique)
 
     def rebuild_address(self, address: str) -> None:
         self._release(("address", address))
         holders = self.by_address.get(address)
         if not holders:
             return
-        reverse = ipaddress.ip_address(address).reverse_pointer
+        reverse = _reverse_name(address)
         zone = self.zone_of(reverse)
         assert zone is not None
-        apex = self.settings.zones[0]
+        apex = self.zones_by_name[self.settings.zones[0]]
         ttl = min(self._ttl(i) for i in holders.values())
-        targets = sorted(instance_name(key, apex) for key in holders)
-        owned = [self._set(reverse, zone, {PTR: tuple(RR(reverse, PTR, ttl, t) for t in targets)})]
+        targets = sorted(_label(key.name) + self._service_wire(key.service_key, apex) for key in holders)
+        owned = [self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: Answer.pointers(ttl, targets)})]
         labels = reverse.split(".")
         for depth in range(1, len(labels) - len(zone.name.split("."))):
             if wire := self._ent(".".join(labels[depth:]), zone):
                 owned.append(wire)
         self._owned[("address", address)] = owned
+
+
+def _label(text: str) -> bytes:
+    raw = text.encode("ascii")
+    return bytes((len(raw),)) + raw
+
+
+def _reverse_name(address: str) -> str:
+    if ":" in address:
+        return ipaddress.ip_address(address).reverse_pointer
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa"
 
 
 def instance_name(key: InstanceKey, zone: str) -> str:

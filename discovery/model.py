@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -49,15 +50,18 @@ class Registration(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        try:
-            address = ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError("must be an IPv4 or IPv6 address") from None
-        if address.is_unspecified or address.is_multicast:
-            raise ValueError("must be a unicast address")
-        if getattr(address, "scope_id", None):  # fe80::1%eth0 means nothing to a DNS client
+        if "%" in value:  # fe80::1%eth0 means nothing to a DNS client
             raise ValueError("must not carry a zone index (%scope)")
-        return address.compressed
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                packed = socket.inet_pton(family, value)
+            except OSError:
+                continue
+            address = ipaddress.ip_address(packed)
+            if address.is_unspecified or address.is_multicast:
+                raise ValueError("must be a unicast address")
+            return address.compressed
+        raise ValueError("must be an IPv4 or IPv6 address")
 
     @field_validator("ports")
     @classmethod

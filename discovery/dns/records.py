@@ -10,7 +10,8 @@ points into the question, so the client's spelling (0x20) never leaks into recor
 
 from __future__ import annotations
 
-import ipaddress
+import functools
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -58,16 +59,13 @@ class RR:
     rdata: Rdata
 
 
+@functools.lru_cache(maxsize=65536)
 def name_to_wire(name: str) -> bytes:
     if not name:
         return b"\x00"
-    out = bytearray()
-    for label in name.split("."):
-        raw = label.encode("ascii")
-        out.append(len(raw))
-        out += raw
-    out.append(0)
-    return bytes(out)
+    return b"".join(bytes((len(label),)) + label.encode("ascii") for label in name.split(".")) + (
+        b"\x00"
+    )
 
 
 class _Writer:
@@ -107,7 +105,7 @@ class _Writer:
         data = rr.rdata
         if rr.rtype == A or rr.rtype == AAAA:
             assert isinstance(data, str)
-            self.buf += ipaddress.ip_address(data).packed
+            self.buf += address_bytes(data)[1]
         elif rr.rtype == SRV:
             assert isinstance(data, Srv)
             self.buf += struct.pack(">HHH", data.priority, data.weight, data.port)
@@ -142,45 +140,120 @@ def encode_sections(
     return bytes(writer.buf)
 
 
+@functools.lru_cache(maxsize=4096)
 def counts(an: int, ns: int, ar: int) -> bytes:
-    """QDCOUNT..ARCOUNT of a response with one question."""
+    """QDCOUNT..ARCOUNT of a response with one question (shared: there are few)."""
     return struct.pack(">HHHH", 1, an, ns, ar)
+
+
+@functools.lru_cache(maxsize=65536)
+def address_bytes(address: str) -> tuple[int, bytes]:
+    """(A or AAAA, packed address) of an address text."""
+    if ":" in address:
+        return AAAA, socket.inet_pton(socket.AF_INET6, address)
+    return A, socket.inet_pton(socket.AF_INET, address)
+
+
+_POINTER_TO_QUESTION = b"\xc0\x0c"
+
+
+def _fixed(rtype: int, ttl: int) -> bytes:
+    return struct.pack(">HHI", rtype, IN, ttl)
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The positive answer for one (name, type): its records and their encodings.
+    """The positive answer for one (name, type), as the bytes that follow the question.
 
     `bodies` holds one encoding per rotation of the answer records; the responder picks
-    one per query so that multi-address answers rotate without re-encoding.
+    one per query so that multi-address answers rotate without re-encoding. `counts`
+    are the header's QDCOUNT..ARCOUNT without and with an OPT record.
     """
 
-    answer: tuple[RR, ...]
-    additional: tuple[RR, ...]
     counts: bytes
     counts_edns: bytes
     bodies: tuple[bytes, ...]
 
     @classmethod
-    def build(cls, qname: str, answer: tuple[RR, ...], additional: tuple[RR, ...] = ()) -> Answer:
-        body = encode_sections(qname, answer, (), additional)
-        n = len(answer)
+    def of(cls, body: bytes, an: int, ar: int = 0, rotate: bool = False) -> Answer:
         bodies = [body]
-        if n > 1 and not additional and all(rr.rtype in (A, AAAA) for rr in answer):
-            # Owner names are all pointers to the question and address rdata has a fixed
-            # size, so every record has the same length: rotate by slicing the bytes.
-            size = len(body) // n
-            steps = min(n, MAX_ROTATIONS)
+        if rotate and an > 1:
+            # Every record has the same length (a pointer owner and a fixed-size address),
+            # so a rotation is a cut of the bytes at a record boundary.
+            size = len(body) // an
+            steps = min(an, MAX_ROTATIONS)
             for step in range(1, steps):
-                cut = (step * n // steps) * size
+                cut = (step * an // steps) * size
                 bodies.append(body[cut:] + body[:cut])
-        return cls(
-            answer,
-            additional,
-            counts(n, 0, len(additional)),
-            counts(n, 0, len(additional) + 1),
-            tuple(bodies),
+        return cls(counts(an, 0, ar), counts(an, 0, ar + 1), tuple(bodies))
+
+    @classmethod
+    def build(cls, qname: str, answer: tuple[RR, ...], additional: tuple[RR, ...] = ()) -> Answer:
+        """Any records, through the general encoder (zone apex and other static names)."""
+        body = encode_sections(qname, answer, (), additional)
+        rotate = not additional and all(rr.rtype in (A, AAAA) for rr in answer)
+        return cls.of(body, len(answer), len(additional), rotate)
+
+    @classmethod
+    def addresses(cls, ttl: int, addresses: list[str]) -> Answer:
+        """A or AAAA records (all of one type) owned by the question name."""
+        parts = []
+        for address in addresses:
+            rtype, packed = address_bytes(address)
+            parts.append(_POINTER_TO_QUESTION + _fixed(rtype, ttl) + _rdlength(packed) + packed)
+        return cls.of(b"".join(parts), len(parts), rotate=True)
+
+    @classmethod
+    def services(cls, qname_wire: bytes, ttl: int, targets: list[SrvTarget]) -> Answer:
+        """SRV records owned by the question, with each target's address as glue.
+
+        Targets are written uncompressed (RFC 2782); a glue record's owner points at its
+        target's first copy when that offset can be expressed.
+        """
+        base = 12 + len(qname_wire) + 4
+        answer = bytearray()
+        first_copy: dict[bytes, int] = {}
+        for target in targets:
+            rdata = struct.pack(">HHH", target.priority, target.weight, target.port) + target.wire
+            answer += _POINTER_TO_QUESTION + _fixed(SRV, ttl) + _rdlength(rdata)
+            first_copy.setdefault(target.wire, base + len(answer) + 6)
+            answer += rdata
+        glue = bytearray()
+        glued = 0
+        for target in targets:
+            offset = first_copy.pop(target.wire, None)
+            if offset is None:
+                continue  # already glued
+            rtype, packed = address_bytes(target.address)
+            owner = struct.pack(">H", 0xC000 | offset) if offset <= 0x3FFF else target.wire
+            glue += owner + _fixed(rtype, target.ttl) + _rdlength(packed) + packed
+            glued += 1
+        return cls.of(bytes(answer + glue), len(targets), glued)
+
+    @classmethod
+    def pointers(cls, ttl: int, targets: list[bytes]) -> Answer:
+        """PTR records owned by the question; targets are wire names."""
+        body = b"".join(
+            _POINTER_TO_QUESTION + _fixed(PTR, ttl) + _rdlength(target) + target
+            for target in targets
         )
+        return cls.of(body, len(targets))
+
+
+def _rdlength(rdata: bytes) -> bytes:
+    return len(rdata).to_bytes(2, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SrvTarget:
+    """One SRV record's data and its target's address (for the glue)."""
+
+    priority: int
+    weight: int
+    port: int
+    wire: bytes
+    address: str
+    ttl: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,17 +244,18 @@ class Resolver:
         if found is None:
             reply.add_auth(_lib_rr(zone.negative.soa))
             return self._finish(reply, query, NOERROR, limit)
-        records = found.answer
-        steps = len(found.bodies)
-        if steps > 1:
+        choice = 0
+        if len(found.bodies) > 1:
             self._turn += 1
-            cut = (self._turn % steps) * len(records) // steps
-            records = records[cut:] + records[:cut]
-        owner = question.qname
-        for rr in records:
-            reply.add_answer(_lib_rr(rr, owner))
-        for rr in found.additional:
-            reply.add_ar(_lib_rr(rr))
+            choice = self._turn % len(found.bodies)
+        # The records are read back from the pre-encoded bytes: one source of truth.
+        message = b"\x00\x00\x84\x00" + found.counts + wire + b"\x00\x01\x00\x01"
+        records = DNSRecord.parse(message + found.bodies[choice])
+        for rr in records.rr:
+            rr.rname = question.qname  # owners point at the question: echo it as sent
+            reply.add_answer(rr)
+        for rr in records.ar:
+            reply.add_ar(rr)
         return self._finish(reply, query, NOERROR, limit)
 
     def _finish(
