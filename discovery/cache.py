@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
 DNS_SCHEMA_VERSION = "1.1.0"
+IN_WIRE = b"\x00\x01"
 TYPE_KEYS = {t: t.to_bytes(2, "big") for t in (A, NS, SOA, PTR, TXT, AAAA, SRV)}
 
 
@@ -61,14 +62,6 @@ class Zone:
         return tuple(label.encode() for label in self.name.split("."))
 
 
-@dataclass(slots=True)
-class Node:
-    """A name that exists: its zone and its answers keyed by 2-byte qtype (empty: an ENT)."""
-
-    zone: Zone
-    types: dict[bytes, Answer]
-
-
 ServiceKey = tuple[str, str]
 
 
@@ -78,7 +71,9 @@ class CacheState:
 
     settings: DnsSettings
     zones: list[Zone] = field(default_factory=list)
-    names: dict[bytes, Node] = field(default_factory=dict)
+    names: dict[bytes, Zone] = field(default_factory=dict)  # every name that exists
+    # the question as it is on the wire (name lower-cased, type, class IN) -> its answer
+    answers: dict[bytes, Answer] = field(default_factory=dict)
     services: dict[ServiceKey, dict[str, Instance]] = field(default_factory=dict)
     by_address: dict[str, dict[InstanceKey, Instance]] = field(default_factory=dict)
     keys: dict[bytes, InstanceKey] = field(default_factory=dict)
@@ -149,13 +144,11 @@ class CacheState:
         types: dict[int, tuple[RR, ...]],
         additional: dict[int, tuple[RR, ...]] | None = None,
     ) -> bytes:
-        wire = name_to_wire(name)
         extra = additional or {}
-        self.names[wire] = Node(
-            zone,
-            {TYPE_KEYS[t]: Answer.build(name, rrs, extra.get(t, ())) for t, rrs in types.items()},
-        )
-        return wire
+        answers = {
+            TYPE_KEYS[t]: Answer.build(name, rrs, extra.get(t, ())) for t, rrs in types.items()
+        }
+        return self._node(name_to_wire(name), zone, answers)
 
     def _ns_records(self, zone: str) -> tuple[RR, ...]:
         """The A/AAAA of ns.dns.<zone>, when the listener names one address."""
@@ -185,7 +178,12 @@ class CacheState:
                     del self._ent_refs[wire]
                     del self.names[wire]
             else:
-                self.names.pop(wire, None)
+                self._drop(wire)
+
+    def _drop(self, wire: bytes) -> None:
+        if self.names.pop(wire, None) is not None:
+            for qtype in TYPE_KEYS.values():
+                self.answers.pop(wire + qtype + IN_WIRE, None)
 
     def _ent(self, name: str, zone: Zone) -> bytes:
         wire = name_to_wire(name)
@@ -193,7 +191,7 @@ class CacheState:
         if count == 0:
             if wire in self.names:  # a static name (svc.<zone>): never released
                 return b""
-            self.names[wire] = Node(zone, {})
+            self.names[wire] = zone
         self._ent_refs[wire] = count + 1
         return wire
 
@@ -243,7 +241,10 @@ class CacheState:
         return min(self.settings.dns_ttl, instance.spec.ttl)
 
     def _node(self, wire: bytes, zone: Zone, types: dict[bytes, Answer]) -> bytes:
-        self.names[wire] = Node(zone, types)
+        self._drop(wire)
+        self.names[wire] = zone
+        for qtype, answer in types.items():
+            self.answers[wire + qtype + IN_WIRE] = answer
         return wire
 
     def _build_instance(self, instance: Instance) -> None:
@@ -251,8 +252,11 @@ class CacheState:
         answer = Answer.addresses(self._ttl(instance), [instance.spec.address])
         label = _label(instance.key.name)
         self._owned[instance.key] = [
-            self._node(label + self._service_wire(instance.key.service_key, zone), zone,
-                       {TYPE_KEYS[rtype]: answer})
+            self._node(
+                label + self._service_wire(instance.key.service_key, zone),
+                zone,
+                {TYPE_KEYS[rtype]: answer},
+            )
             for zone in self.forward_zones()
         ]
 
@@ -325,8 +329,12 @@ class CacheState:
         assert zone is not None
         apex = self.zones_by_name[self.settings.zones[0]]
         ttl = min(self._ttl(i) for i in holders.values())
-        targets = sorted(_label(key.name) + self._service_wire(key.service_key, apex) for key in holders)
-        owned = [self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: Answer.pointers(ttl, targets)})]
+        targets = sorted(
+            _label(key.name) + self._service_wire(key.service_key, apex) for key in holders
+        )
+        owned = [
+            self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: Answer.pointers(ttl, targets)})
+        ]
         labels = reverse.split(".")
         for depth in range(1, len(labels) - len(zone.name.split("."))):
             if wire := self._ent(".".join(labels[depth:]), zone):

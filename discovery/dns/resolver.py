@@ -51,9 +51,11 @@ from .records import (
 
 UDP_MIN = 512
 TCP_MAX = 65535
+_IN = b"\x00\x01"
 _QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
 _ANY_ORDER = (A, AAAA, SRV, PTR, TXT, SOA, NS)
-_ZONE_TRANSFER = (251, 252)  # IXFR, AXFR
+_ZONE_TRANSFER = (251, 252)
+_ZONE_MEMO_SIZE = 65536  # IXFR, AXFR
 _ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in _ZONE_TRANSFER)
 
 
@@ -86,6 +88,7 @@ class Resolver:
         self._turn = 0
         self._ok = _flag_table(NOERROR, True, recursion)
         self._nx = _flag_table(NXDOMAIN, True, recursion)
+        self._zone_memo: dict[bytes, Zone | None] = {}
 
     def answer(self, query: bytes, tcp: bool = False) -> bytes | None:
         """The response to a query, or None when it must be dropped."""
@@ -105,18 +108,19 @@ class Resolver:
 
     def _fast(self, q: bytes, tcp: bool) -> bytes | None:
         size = len(q)
-        if size < 17 or q[2] & 0xF8 or q[4:10] != _QD1 or not self.cache.synced:
+        if size < 17 or q[2] & 0xF8 or q[4:10] != _QD1:
             return None
         end = q.find(0, 12)
         qend = end + 5
-        if end < 0 or qend > size or q[end + 3 : qend] != b"\x00\x01":
+        if end < 0 or qend > size:
             return None
-        arcount = q[10:12]
-        if qend == size and arcount == b"\x00\x00":
+        if qend == size:
+            if q[10:12] != b"\x00\x00":
+                return None
             edns = False
             limit = UDP_MIN
         elif (
-            arcount == b"\x00\x01"
+            q[10:12] == b"\x00\x01"
             and size >= qend + 11
             and q[qend : qend + 3] == b"\x00\x00\x29"
             and q[qend + 6] == 0
@@ -126,26 +130,15 @@ class Resolver:
             limit = max(UDP_MIN, q[qend + 3] << 8 | q[qend + 4])
         else:
             return None
-        state = self.cache.state
-        name = q[12 : end + 1].lower()
-        node = state.names.get(name)
-        if node is None:
-            zone = self._zone_of_wire(q, end)
-            if zone is None or q[end + 1 : end + 3] in _ZONE_TRANSFER_WIRE:
-                return None
-            flags = self._nx
-            found: Answer | None = None
-        else:
-            zone = node.zone
-            found = node.types.get(q[end + 1 : end + 3])
+        cache = self.cache
+        if not cache.synced:
+            return None
+        state = cache.state
+        # One lookup by the question as sent, lower-cased. Lower-casing leaves the class
+        # (IN) and every type we store unchanged, so it cannot make a false hit.
+        found = state.answers.get(q[12:qend].lower())
+        if found is not None:
             flags = self._ok
-            if found is None and (q[end + 1] != 0 or not 0 < q[end + 2] < 128):
-                return None  # meta types (ANY, AXFR, ...) take the full path
-        if found is None:
-            negative = zone.negative
-            body = negative.body
-            counts = negative.counts_edns if edns else negative.counts
-        else:
             bodies = found.bodies
             if len(bodies) == 1:
                 body = bodies[0]
@@ -153,15 +146,44 @@ class Resolver:
                 self._turn += 1
                 body = bodies[self._turn % len(bodies)]
             counts = found.counts_edns if edns else found.counts
+        else:
+            if q[end + 3 : qend] != b"\x00\x01":
+                return None  # not class IN
+            zone = state.names.get(q[12 : end + 1].lower())
+            if zone is not None:
+                if q[end + 1] != 0 or not 0 < q[end + 2] < 128:
+                    return None  # meta types (ANY, AXFR, ...) take the full path
+                flags = self._ok  # NODATA
+            else:
+                zone = self._zone_of_wire(q, end)
+                if zone is None or q[end + 1 : end + 3] in _ZONE_TRANSFER_WIRE:
+                    return None
+                flags = self._nx
+            negative = zone.negative
+            body = negative.body
+            counts = negative.counts_edns if edns else negative.counts
         if qend + len(body) + (11 if edns else 0) > (TCP_MAX if tcp else limit):
             return None  # needs truncation
-        head = q[:2] + flags[(q[2] & 1) | (q[3] & 0x10) >> 3] + counts
+        flag = flags[(q[2] & 1) | (q[3] & 0x10) >> 3]
         if edns:
-            return head + q[12:qend] + body + OPT_RECORD
-        return head + q[12:qend] + body
+            return b"".join((q[:2], flag, counts, q[12:qend], body, OPT_RECORD))
+        return b"".join((q[:2], flag, counts, q[12:qend], body))
 
     def _zone_of_wire(self, q: bytes, end: int) -> Zone | None:
-        """The zone of a well-formed question name ending at `end`, walking its labels."""
+        """The zone of a well-formed question name ending at `end` (memoized: zones are
+        fixed for the life of the process)."""
+        name = q[12 : end + 1].lower()
+        try:
+            return self._zone_memo[name]
+        except KeyError:
+            pass
+        zone = self._walk_zone(q, end)
+        if len(self._zone_memo) >= _ZONE_MEMO_SIZE:
+            self._zone_memo.clear()
+        self._zone_memo[name] = zone
+        return zone
+
+    def _walk_zone(self, q: bytes, end: int) -> Zone | None:
         if end - 11 > 255:
             return None  # over 255 bytes: FORMERR on the full path
         try:
@@ -233,14 +255,14 @@ class Resolver:
             return self._finish(reply, query, NOTIMP)
         reply.header.aa = 1
         wire = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
-        node = state.names.get(wire)
-        if node is None:
+        if wire not in state.names:
             reply.add_auth(_lib_rr(zone.negative.soa))
             return self._finish(reply, query, NXDOMAIN, limit)
         qtype = question.qtype
         if qtype == ANY:
-            qtype = next((t for t in _ANY_ORDER if t.to_bytes(2, "big") in node.types), ANY)
-        found = node.types.get(qtype.to_bytes(2, "big")) if qtype < 65536 else None
+            present = (t for t in _ANY_ORDER if wire + t.to_bytes(2, "big") + _IN in state.answers)
+            qtype = next(present, ANY)
+        found = state.answers.get(wire + qtype.to_bytes(2, "big") + _IN) if qtype < 65536 else None
         if found is None:
             reply.add_auth(_lib_rr(zone.negative.soa))
             return self._finish(reply, query, NOERROR, limit)
