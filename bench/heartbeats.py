@@ -112,12 +112,15 @@ def cpu_seconds(pid: int) -> float:
 
 async def register_all(host: str, port: int, count: int, connections: int) -> None:
     todo = iter(range(count))
-    body = json.dumps({"address": "10.20.0.1", "ttl": 600}).encode()
 
     async def worker() -> None:
         conn = await HttpConnection.open(host, port)
         try:
             for i in todo:
+                # one address per instance: many instances on one address share one PTR
+                # answer, rebuilt (O(instances)) at every change of any of them
+                address = f"10.{20 + i // 65536}.{i // 256 % 256}.{i % 256}"
+                body = json.dumps({"address": address, "ttl": 600}).encode()
                 status, answer = await conn.request("PUT", instance_path(i), body)
                 if status not in (200, 201):
                     raise RuntimeError(f"register {i}: {status} {answer[:200]!r}")
@@ -125,6 +128,16 @@ async def register_all(host: str, port: int, count: int, connections: int) -> No
             conn.close()
 
     await asyncio.gather(*(worker() for _ in range(connections)))
+
+
+async def cached(host: str, port: int) -> int:
+    """Instances in the replica's cache (GET /v1/services)."""
+    conn = await HttpConnection.open(host, port)
+    try:
+        status, body = await conn.request("GET", "/v1/services")
+    finally:
+        conn.close()
+    return sum(s["instances"] for s in json.loads(body)["services"]) if status == 200 else 0
 
 
 async def hammer(
@@ -179,6 +192,10 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> str:
     t0 = time.perf_counter()
     await register_all(host, port, args.instances, 64)
     took = time.perf_counter() - t0
+    for _ in range(600):  # until the watch has caught up
+        if await cached(host, port) >= args.instances:
+            break
+        await asyncio.sleep(0.1)
     log(f"registered {args.instances} instances in {took:.1f} s")
     log("warm-up, 2 s")
     await hammer(host, port, args.instances, args.connections, 2.0)

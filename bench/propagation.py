@@ -91,11 +91,17 @@ class DnsClient(asyncio.DatagramProtocol):
             return None
 
 
+_addresses = (f"10.{9 + i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(1, 1 << 20))
+
+
 async def register(
     session: aiohttp.ClientSession, node: Replica, ns: str, svc: str, inst: str, ttl: int
 ) -> None:
+    # one address per instance: instances sharing one address share one PTR answer, rebuilt
+    # (O(instances on it)) at every change of any of them
+    body = {"address": next(_addresses), "ttl": ttl}
     url = f"{node.base}/v1/services/{ns}/{svc}/instances/{inst}"
-    async with session.put(url, json={"address": "10.9.0.1", "ttl": ttl}) as response:
+    async with session.put(url, json=body) as response:
         body = await response.read()
         if response.status not in (200, 201):
             raise RuntimeError(f"PUT {url}: {response.status} {body[:200]!r}")

@@ -612,6 +612,12 @@ class EtcdStore:
         except TimeoutError:
             await self._drop(client)
             raise StoreUnavailable(f"etcd {client.endpoint}: watch probe timed out") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled
+            # another call timed out and closed the connection: gRPC cancelled this one
+            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return  # the token expired; the connection itself is fine
