@@ -54,7 +54,8 @@ class Watcher:
                     log.info(
                         "loaded %d records at revision %d", len(snapshot.items), snapshot.revision
                     )
-                self.cache.mark_contact(True)
+                    self.cache.mark_contact(True)
+                # no contact mark before the watch answers: resuming is not reaching the store
                 async for batch in self.store.watch(self.prefix, self.cache.revision + 1):
                     self.cache.apply(batch)
                     self.cache.mark_contact(True)
@@ -64,7 +65,12 @@ class Watcher:
                 self.reloads += 1
                 self._needs_load = True
                 log.warning("watch history compacted (%s): reloading the registry", error)
-            except Exception as error:
+            except (Exception, asyncio.CancelledError) as error:
+                task = asyncio.current_task()
+                if isinstance(error, asyncio.CancelledError) and (
+                    task is None or task.cancelling()
+                ):
+                    raise  # we are being cancelled; any other CancelledError is a stray one
                 if not isinstance(error, StoreError):
                     # A bug, not an outage: start over from a full load rather than die.
                     log.exception("watch failed unexpectedly: reloading the registry")

@@ -244,12 +244,21 @@ async def test_register_on_a_resolve_on_b_heartbeat_expiry_delete(
     a, b = pair
     name = fqdn("default", "web", "web-1")
 
+    # a long poll on B is woken by a registration made through A
+    status, _, headers = await b.request("GET", "/v1/services/default/web")
+    assert status == 200
+    index = headers["X-Discovery-Index"]
+    poll = asyncio.create_task(b.request("GET", f"/v1/services/default/web?index={index}&wait=10s"))
     started = time.monotonic()
     first = await a.register("default", "web", "web-1", expect=201, address="10.0.0.1", ttl=2,
                              ports=[{"name": "http", "port": 8080}])  # fmt: skip
     assert await b.wait_cache(lambda: live(b, "default", "web", "web-1"))
     assert await answer(b, name) == (dns.rcode.NOERROR, {"10.0.0.1"})
     report("PUT on A -> answered by B", time.monotonic() - started)
+    async with asyncio.timeout(2):
+        status, body, headers = await poll
+    assert status == 200 and [i["name"] for i in body["instances"]] == ["web-1"], body
+    assert int(headers["X-Discovery-Index"]) > int(index)
     srv = await b.query(f"_http._tcp.{fqdn('default', 'web')}", "SRV")
     assert [rr.to_text() for rrset in srv.answer for rr in rrset] == [f"0 100 8080 {name}."]
 
@@ -298,6 +307,20 @@ async def test_register_on_a_resolve_on_b_heartbeat_expiry_delete(
         assert (await client.query(fqdn("default", "web"))).rcode() == dns.rcode.NXDOMAIN
     status, _, _ = await a.request("DELETE", path("default", "web", "web-2"))
     assert status == 404
+
+    # propagation, PUT sent to A -> B answers over DNS, for a few more names
+    lags = []
+    for i in range(30):
+        sent = time.monotonic()
+        await a.register("default", "batch", f"b-{i}", expect=201, address=f"10.0.1.{i + 1}")
+        assert await b.wait_cache(lambda i=i: live(b, "default", "batch", f"b-{i}"))
+        rcode, addresses = await answer(b, fqdn("default", "batch", f"b-{i}"))
+        lags.append(time.monotonic() - sent)
+        assert (rcode, addresses) == (dns.rcode.NOERROR, {f"10.0.1.{i + 1}"})
+    lags.sort()
+    report("PUT on A -> answered by B, median of 30", lags[len(lags) // 2])
+    report("PUT on A -> answered by B, max of 30", lags[-1])
+    assert lags[-1] < 0.5, lags
 
 
 # 2. etcd dies: stale but available; writes 503; it comes back: everything resumes by itself
@@ -363,6 +386,43 @@ async def test_etcd_down_replicas_serve_stale_then_resume(
     for client in (a, b):
         await store_state(client, "ok")
         assert await metric(client, "discovery_store_up") == 1
+
+
+async def test_etcd_hung_replicas_answer_at_once_and_writes_fail_in_time(
+    pair: tuple[Client, Client], etcd_server: EtcdServer, etcd: EtcdStore
+) -> None:
+    """SIGSTOP: etcd holds its sockets open and answers nothing, the worst kind of outage."""
+    a, b = pair
+    await a.register("prod", "api", "api-1", expect=201, address="10.4.0.1", ttl=60)
+    await in_sync((a, b), etcd)
+    etcd_server.pause()
+    try:
+        for client in (a, b):
+            await store_state(client, "degraded")
+            started = time.monotonic()
+            assert await answer(client, fqdn("prod", "api")) == (dns.rcode.NOERROR, {"10.4.0.1"})
+            assert time.monotonic() - started < 0.5
+            started = time.monotonic()
+            await assert_unavailable(client, "PUT", path("prod", "api", "api-2"),
+                                     json={"address": "10.4.0.2"})  # fmt: skip
+            await assert_unavailable(client, "PUT", path("prod", "api", "api-1") + "/heartbeat")
+            elapsed = time.monotonic() - started
+            report("hung etcd: two writes answered 503 in", elapsed)
+            assert elapsed < 2 * (1.0 + 0.5) + 1.0  # request timeout (+ grace) per write
+            status, body = await readyz(client)
+            assert status == 200 and body["status"] == "ready", body
+    finally:
+        etcd_server.resume()
+    await b.register("prod", "api", "api-2", expect=201, address="10.4.0.2", ttl=60)
+    for client in (a, b):
+        assert await client.wait_cache(lambda c=client: live(c, "prod", "api", "api-2"), 15)
+        assert await answer(client, fqdn("prod", "api")) == (
+            dns.rcode.NOERROR,
+            {"10.4.0.1", "10.4.0.2"},
+        )
+    await in_sync((a, b), etcd)
+    for client in (a, b):
+        await store_state(client, "ok")
 
 
 # 3. a replica that starts while etcd is down
