@@ -22,6 +22,7 @@ from .model import (
     Instance,
     InstanceKey,
     Registration,
+    Spec,
     decode_registration,
     encode_registration,
     is_label,
@@ -189,9 +190,10 @@ async def register(request: web.Request) -> web.Response:
     key = _key(request)
     spec = _validate(await _body(request), ctx.config)
     store_key = key.store_key(ctx.config.etcd_prefix)
+    value = encode_registration(spec)
     lease = await ctx.store.grant(spec.ttl)
     try:
-        result = await ctx.store.put(store_key, encode_registration(spec), lease)
+        result = await ctx.store.put(store_key, value, lease)
     except BaseException:
         try:
             await ctx.store.revoke(lease)
@@ -203,7 +205,7 @@ async def register(request: web.Request) -> web.Response:
             await ctx.store.revoke(result.prev.lease)  # it holds no key any more
         except LeaseNotFound:
             pass
-    instance = Instance(key, spec, lease, result.revision)
+    instance = Instance(key, Spec.of(spec, value), lease, result.revision)
     return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
 
 

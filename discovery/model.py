@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import socket
+import sys
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -100,11 +102,47 @@ class InstanceKey:
         parts = text[len(head) :].split("/")
         if len(parts) != 3 or not all(is_label(p) for p in parts):
             return None
-        return cls(*parts)
+        namespace, service, name = parts
+        return cls(sys.intern(namespace), sys.intern(service), name)
 
 
 def instances_prefix(prefix: str) -> bytes:
     return f"{prefix}v1/instances/".encode()
+
+
+class PortEntry(NamedTuple):
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What the cache keeps of a registration: the fields DNS needs, and the JSON as
+    stored (a pydantic model per instance would cost several times the memory)."""
+
+    address: str
+    ttl: int
+    priority: int
+    weight: int
+    ports: tuple[PortEntry, ...]
+    tags: tuple[str, ...]
+    raw: bytes
+
+    @classmethod
+    def of(cls, registration: Registration, raw: bytes) -> Spec:
+        return cls(
+            registration.address,
+            registration.ttl,
+            registration.priority,
+            registration.weight,
+            tuple(
+                PortEntry(sys.intern(p.name), p.port, sys.intern(p.protocol))
+                for p in registration.ports
+            ),
+            registration.tags,
+            raw,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,20 +150,16 @@ class Instance:
     """A live instance as the cache holds it: its key, its registration and its lease."""
 
     key: InstanceKey
-    spec: Registration
+    spec: Spec
     lease: int
     revision: int
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.spec.address
 
     def to_json(self) -> dict[str, object]:
         return {
             "namespace": self.key.namespace,
             "service": self.key.service,
             "name": self.key.name,
-            **self.spec.model_dump(mode="json"),
+            **json.loads(self.spec.raw),
             "lease": {"id": format(self.lease, "x"), "ttl": self.spec.ttl},
         }
 
@@ -134,9 +168,9 @@ def encode_registration(spec: Registration) -> bytes:
     return spec.model_dump_json().encode()
 
 
-def decode_registration(value: bytes) -> Registration | None:
+def decode_registration(value: bytes) -> Spec | None:
     """The registration stored under a key, or None when the value is not one of ours."""
     try:
-        return Registration.model_validate_json(value)
+        return Spec.of(Registration.model_validate_json(value), value)
     except ValueError:
         return None
