@@ -24,6 +24,9 @@ test-deps:
 test: test-deps $(VENV)/.installed
 	$(PY) -m pytest
 
+bench: $(VENV)/.installed
+	$(PY) bench/dnsperf_compare.py
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check discovery tests bench
 	$(PY) -m mypy discovery

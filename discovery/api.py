@@ -97,14 +97,18 @@ async def problem_middleware(
     except StoreUnavailable as error:
         metrics.store_errors.inc()
         response = Problem(
-            503, "Store unavailable", str(error) or "the store did not answer",
+            503,
+            "Store unavailable",
+            str(error) or "the store did not answer",
             headers={"Retry-After": RETRY_AFTER},
         ).response()
     except web.HTTPException as error:
         if error.status < 400:
             raise
         title = error.reason
-        detail = error.text if error.text and not error.text.startswith(str(error.status)) else title
+        detail = (
+            error.text if error.text and not error.text.startswith(str(error.status)) else title
+        )
         response = Problem(error.status, title, detail, headers=_allow(error)).response()
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)

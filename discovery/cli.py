@@ -36,7 +36,12 @@ def _log_level(text: str) -> str:
 
 # flag, type/parser, default, help
 _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
-    ("--dns", HostPort.parse, "127.0.0.1:8053", "DNS listener HOST:PORT, UDP and TCP (port 0: any)"),
+    (
+        "--dns",
+        HostPort.parse,
+        "127.0.0.1:8053",
+        "DNS listener HOST:PORT, UDP and TCP (port 0: any)",
+    ),
     ("--http", HostPort.parse, "127.0.0.1:8080", "HTTP API listener HOST:PORT (port 0: any)"),
     ("--etcd", str, None, "etcd endpoints URL[,URL...] (default: the embedded store)"),
     ("--etcd-prefix", str, "/discovery/", "key prefix in etcd"),
@@ -75,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every flag can also be set as DISCOVERY_<FLAG> (e.g. DISCOVERY_DNS_TTL).",
     )
     for flag, _, default, text in _OPTIONS:
-        serve.add_argument(flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]")
+        serve.add_argument(
+            flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]"
+        )
     serve.add_argument(
         "--zone",
         action="append",
@@ -101,7 +108,9 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise ConfigError(f"{flag}: {error}") from None
     zones = args.zone or _split(environ.get("DISCOVERY_ZONE", "")) or ["cluster.local"]
     etcd = tuple(_endpoint(url) for url in _split(values.pop("etcd") or ""))
-    upstream = tuple(HostPort.parse(u, default_port=53) for u in _split(values.pop("upstream") or ""))
+    upstream = tuple(
+        HostPort.parse(u, default_port=53) for u in _split(values.pop("upstream") or "")
+    )
     if isinstance(values["dns"], str):
         values["dns"] = HostPort.parse(values["dns"])
     if isinstance(values["http"], str):

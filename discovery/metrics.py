@@ -71,7 +71,9 @@ class _StateCollector(Collector):
         yield _gauge(
             "discovery_store_last_contact_seconds", "Seconds since the store last answered", since
         )
-        yield _gauge("discovery_watch_revision", "Store revision the cache reflects", state.revision)
+        yield _gauge(
+            "discovery_watch_revision", "Store revision the cache reflects", state.revision
+        )
         yield _gauge("discovery_services", "Services with live instances", len(state.services))
         yield _gauge("discovery_instances", "Live instances", len(state.keys))
         yield _gauge("discovery_dns_names", "DNS names answered from memory", len(state.names))
@@ -105,7 +107,9 @@ class _StateCollector(Collector):
         truncated.add_metric([], stats.truncated)
         yield truncated
         if self.tcp is not None:
-            yield _gauge("discovery_dns_tcp_connections", "Open DNS TCP connections", len(self.tcp.open))
+            yield _gauge(
+                "discovery_dns_tcp_connections", "Open DNS TCP connections", len(self.tcp.open)
+            )
             refused = CounterMetricFamily(
                 "discovery_dns_tcp_refused", "TCP connections closed at the connection cap"
             )

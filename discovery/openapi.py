@@ -21,7 +21,9 @@ def _json(ref: str) -> dict[str, Any]:
 def _problem(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
     }
 
 
@@ -136,10 +138,15 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Live instances of a service (long poll with index and wait)",
                     "parameters": [*long_poll, _param("tag", "query", {"type": "string"})],
-                    "responses": {"200": {"description": "Instances", "headers": _INDEX}, **_ERRORS},
+                    "responses": {
+                        "200": {"description": "Instances", "headers": _INDEX},
+                        **_ERRORS,
+                    },
                 },
             },
-            "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}},
+            "/healthz": {
+                "get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}
+            },
             "/readyz": {
                 "get": {
                     "summary": "Cache synced with the store",
@@ -150,7 +157,10 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/metrics": {
-                "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Text"}}}
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "Text"}},
+                }
             },
             "/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}

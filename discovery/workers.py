@@ -179,7 +179,9 @@ class Supervisor:
     def _spawn(self, number: int) -> None:
         path = self.feed.path if self.feed is not None else None
         process = self._context.Process(
-            target=_worker_main, args=(self.config, path, number), daemon=True,
+            target=_worker_main,
+            args=(self.config, path, number),
+            daemon=True,
             name=f"discovery-dns-{number}",
         )
         process.start()
@@ -211,4 +213,3 @@ class Supervisor:
             await loop.run_in_executor(None, process.join, 10)
             if process.is_alive():
                 process.kill()
-

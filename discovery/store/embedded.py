@@ -163,7 +163,9 @@ class EmbeddedStore:
             raise Compacted(self._compacted + 1)
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         replay = [
-            e for e in self._history if e.mod_revision >= start_revision and e.key.startswith(prefix)
+            e
+            for e in self._history
+            if e.mod_revision >= start_revision and e.key.startswith(prefix)
         ]
         entry = (prefix, queue)
         self._watches.add(entry)
