@@ -44,7 +44,6 @@ from .records import (
     SRV,
     TXT,
     A,
-    Answer,
     Soa,
     Srv,
 )
