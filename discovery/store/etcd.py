@@ -352,25 +352,15 @@ class EtcdStore:
 
         Every caller writes its request on one long-lived bidirectional stream and waits for
         the answer with its lease ID (answers for one ID come back in request order), instead
-        of opening a stream per call: several times cheaper in CPU. Bounded by
-        request_timeout; a broken or silent stream fails every pending call with
+        of opening a stream per call. Bounded by request_timeout (one timer per stream, not
+        one per call); a broken or silent stream fails every pending call with
         StoreUnavailable and the next call opens a new one.
         """
         relogged = False
         while True:
             client = await self._connection()
-            stream = self._keepalive_stream(client)
             try:
-                async with asyncio.timeout(self._request_timeout + 0.5):
-                    ttl = await stream.send(lease)
-            except TimeoutError:
-                # The stream is stuck (a late answer would be taken for a later request's):
-                # drop it with the connection, as for any call that went unanswered.
-                stream.close(StoreUnavailable(f"etcd {client.endpoint}: keepalive timed out"))
-                await self._drop(client)
-                raise StoreUnavailable(
-                    f"etcd {client.endpoint}: no answer within {self._request_timeout} s"
-                ) from None
+                ttl = await self._keepalive_stream(client).send(lease)
             except _KeepAliveRelogin:
                 if self._user is None or relogged:
                     raise StoreError(f"etcd {client.endpoint}: keepalive unauthenticated") from None
@@ -389,7 +379,7 @@ class EtcdStore:
         if stream is None or stream.client is not client or stream.broken:
             if stream is not None:
                 stream.close(StoreUnavailable("keepalive stream replaced"))
-            stream = self._keepalives = _KeepAliveStream(self, client)
+            stream = self._keepalives = _KeepAliveStream(self, client, self._request_timeout)
         return stream
 
     async def time_to_live(self, lease: int) -> int:
@@ -653,16 +643,25 @@ class _KeepAliveStream:
     on the stream one at a time (gRPC allows one write in flight) and a reader task resolves
     the oldest pending future of each answer's lease ID (etcd answers the requests of a
     stream in order). When the stream fails, every pending future fails with the store error
-    and `broken` tells the store to open a new stream. etcd holds back the answer for a lease
+    and `broken` tells the store to open a new stream. A request unanswered after `timeout`
+    (+ 0.5) seconds fails the stream with StoreUnavailable and drops the connection (a late answer
+    would otherwise be taken for a later request's). etcd holds back the answer for a lease
     that has expired but is not revoked yet until it is revoked (under a second), and the
     answers behind it on this stream wait as long.
     """
 
-    def __init__(self, store: EtcdStore, client: _Client) -> None:
+    def __init__(self, store: EtcdStore, client: _Client, timeout: float) -> None:
         self.client = client
         self.broken = False
         self._store = store
+        self._timeout = timeout
+        self._bound = timeout + 0.5  # as for every other call (EtcdStore._call)
+        self._loop = asyncio.get_running_loop()
         self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
+        # every request in the order sent, with its deadline; answered ones leave from the left
+        self._deadlines: deque[tuple[float, asyncio.Future[int]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._dropping: asyncio.Future[None] | None = None
         self._outbox: asyncio.Queue[int] = asyncio.Queue()
         self._call = client.leasestub.LeaseKeepAlive(metadata=client.metadata)
         self._writer = asyncio.create_task(self._write_loop(), name="etcd keepalive writer")
@@ -670,17 +669,26 @@ class _KeepAliveStream:
 
     def send(self, lease: int) -> asyncio.Future[int]:
         """A future for the lease's TTL (0 or less: not found), or the error of the stream."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self.broken:
+            raise StoreUnavailable(f"etcd {self.client.endpoint}: keepalive stream closed")
+        future: asyncio.Future[int] = self._loop.create_future()
         waiting = self._waiting.get(lease)
         if waiting is None:
             waiting = self._waiting[lease] = deque()
         waiting.append(future)  # cancelled futures stay: they still take their answer
+        self._deadlines.append((self._loop.time() + self._bound, future))
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadlines[0][0], self._check_deadlines)
         self._outbox.put_nowait(lease)
         return future
 
     def close(self, error: Exception) -> None:
         """Fail every pending call with error and end the stream."""
         self.broken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         waiting, self._waiting = self._waiting, {}
         for futures in waiting.values():
             for future in futures:
@@ -691,6 +699,30 @@ class _KeepAliveStream:
         for task in (self._writer, self._reader):
             if task is not current:
                 task.cancel()
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        if not deadlines:
+            return
+        deadline = deadlines[0][0]
+        if deadline > self._loop.time():
+            self._timer = self._loop.call_at(deadline, self._check_deadlines)
+            return
+        endpoint = self.client.endpoint
+        self.close(StoreUnavailable(f"etcd {endpoint}: no answer within {self._timeout} s"))
+        self._drop_client()
+
+    def _drop_client(self) -> None:
+        """EtcdStore._drop, its bookkeeping done at once: no call may start on the
+        connection any more (a call on it would fail when the channel closes)."""
+        store = self._store
+        if store._client is self.client:
+            store._client = None
+            store._next = (store._next + 1) % len(store._endpoints)
+        self._dropping = asyncio.ensure_future(self.client.close())
 
     async def _write_loop(self) -> None:
         try:
@@ -720,20 +752,24 @@ class _KeepAliveStream:
                     del self._waiting[response.ID]
                 if not future.done():
                     future.set_result(int(response.TTL))
+                deadlines = self._deadlines
+                while deadlines and deadlines[0][1].done():
+                    deadlines.popleft()
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 self.close(StoreUnavailable(f"etcd {endpoint}: keepalive stream closed"))
                 raise
             error = StoreUnavailable(f"etcd {endpoint}: connection closed")
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                error = _KeepAliveRelogin(e.details())
+        except grpc.aio.AioRpcError as e:  # as EtcdStore._failure, without an await
+            code, details = e.code(), e.details() or ""
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                error = _KeepAliveRelogin(details)
+            elif code in _UNAVAILABLE:
+                self._drop_client()
+                error = StoreUnavailable(f"etcd {endpoint}: {code.name}: {details}")
             else:
-                self.broken = True
-                error = await self._store._failure(self.client, e)
-                if isinstance(error, LeaseNotFound):  # not about every lease on the stream
-                    error = StoreUnavailable(f"etcd {endpoint}: {e.details()}")
+                error = StoreError(f"etcd {endpoint}: {code.name}: {details}")
         self.close(error)
 
 
