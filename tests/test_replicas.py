@@ -729,11 +729,13 @@ class Workload:
         octets = (self.rng.randrange(256), self.rng.randrange(256), self.rng.randrange(1, 255))
         return "10.{}.{}.{}".format(*octets)
 
-    async def run(self, ops: int, short_share: float = 0.0) -> None:
+    async def run(
+        self, ops: int, short_share: float = 0.0, through: tuple[Client, ...] = ()
+    ) -> None:
         for _ in range(ops):
             op = self.rng.choices(["register", "heartbeat", "delete"], [5, 3, 2])[0]
             key = self.rng.choice(POOL)
-            via = self.rng.choice(self.clients)
+            via = self.rng.choice(through or self.clients)
             self.counts[op] += 1
             if op == "register":
                 short = self.rng.random() < short_share
@@ -804,6 +806,9 @@ async def check_dns(clients: Iterable[Client], snapshot: Snapshot, rng: random.R
     sample = rng.sample(POOL, 8)
     services = sorted({(ns, svc) for ns, svc, _ in POOL})
     for client in clients:
+        response = await client.query(ZONE, "SOA")
+        serial = response.answer[0][0].serial
+        assert snapshot.revision <= serial <= client.server.cache.revision, serial
         for key in sample:
             spec = held.get(key)
             if spec is None:
@@ -832,23 +837,37 @@ async def check_dns(clients: Iterable[Client], snapshot: Snapshot, rng: random.R
 
 
 async def test_random_workload_replicas_match_etcd(
-    pair: tuple[Client, Client], etcd_server: EtcdServer, etcd: EtcdStore
+    etcd_server: EtcdServer,
+    etcd: EtcdStore,
+    proxy: CuttableProxy,
+    session: aiohttp.ClientSession,
+) -> None:
+    async with (
+        replica(etcd_server.endpoint, session) as a,
+        replica(proxy.endpoint, session) as b,  # B can be cut off from etcd
+    ):
+        await synced(a, b)
+        await random_workload(a, b, etcd_server, etcd, proxy)
+
+
+async def random_workload(
+    a: Client, b: Client, etcd_server: EtcdServer, etcd: EtcdStore, proxy: CuttableProxy
 ) -> None:
     rng = random.Random(SEED)
-    a, b = pair
+    pair = (a, b)
     work = Workload(rng, pair)
     phases: list[tuple[str, float]] = []
     test_started = time.monotonic()
 
     async def check(phase: str, started: float) -> None:
-        snapshot = await in_sync((a, b), etcd)
+        snapshot = await in_sync(pair, etcd)
         work.check_model(snapshot)
-        await check_dns((a, b), snapshot, rng)
+        await check_dns(pair, snapshot, rng)
         phases.append((phase, time.monotonic() - started))
 
     async def restart_etcd() -> None:
         etcd_server.stop()
-        for client in (a, b):
+        for client in pair:
             await store_state(client, "degraded")
             await assert_unavailable(client, "PUT", path(*POOL[0]), json={"address": "10.9.9.9"})
         await asyncio.to_thread(etcd_server.start)
@@ -856,13 +875,13 @@ async def test_random_workload_replicas_match_etcd(
     async def expire_short() -> None:
         """Until every short lease of the model has expired on both replicas."""
         shorts = [k for k, v in work.model.items() if v.short]
-        for client in (a, b):
+        for client in pair:
             assert await client.wait_cache(
                 lambda c=client: not any(live(c, *k) for k in shorts), timeout=10
             ), "short leases did not expire"
         work.forget_short()
 
-    for round_ in range(2):
+    for round_ in range(3):
         started = time.monotonic()
         await work.run(30)
         await check(f"{round_}: registrations, heartbeats, deletions", started)
@@ -878,19 +897,28 @@ async def test_random_workload_replicas_match_etcd(
         await work.run(15)
         await check(f"{round_}: compaction while connected", started)
 
+        # restart, write through the API at once and compact: A's watcher may still be
+        # backing off (then it finds its revision compacted and reloads) or not
         started = time.monotonic()
         await restart_etcd()
-        await work.run(20, short_share=0.2)
-        await check(f"{round_}: etcd restart", started)
-
-        # restart, write through the API at once and compact while the watchers are still
-        # backing off: a watcher that resumes afterwards finds its revision compacted
-        started = time.monotonic()
-        await restart_etcd()
-        await work.run(15)
+        await work.run(15, short_share=0.2)
         await etcd.compact(await etcd.revision())
         await work.run(10)
-        await check(f"{round_}: restart + compaction", started)
+        await check(f"{round_}: etcd restart + compaction", started)
+
+        # B cut off through an etcd restart, writes and a compaction: B must reload
+        started = time.monotonic()
+        reloads = b.server.watcher.reloads
+        proxy.cut()
+        await restart_etcd()
+        await work.run(20, short_share=0.2, through=(a,))
+        compacted = await etcd.revision()
+        await etcd.compact(compacted)
+        await work.run(10, through=(a,))
+        assert b.server.cache.revision < compacted
+        proxy.restore()
+        await check(f"{round_}: B cut off, etcd restart, compaction", started)
+        assert b.server.watcher.reloads == reloads + 1
 
     started = time.monotonic()
     for key in POOL:
@@ -899,7 +927,7 @@ async def test_random_workload_replicas_match_etcd(
     await check("final: everything deleted", started)
     snapshot = await etcd.load(instances_prefix(PREFIX))
     assert snapshot.items == []
-    for client in (a, b):
+    for client in pair:
         assert client.server.cache.state.services == {}
         assert (await client.query(fqdn("alpha", "api"))).rcode() == dns.rcode.NXDOMAIN
     reloads = (a.server.watcher.reloads, b.server.watcher.reloads)
