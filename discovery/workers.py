@@ -20,10 +20,13 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, HostPort
 from .store.base import Compacted, Event, Snapshot, Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,7 @@ def _worker_main(config: Config, feed_path: str | None, number: int) -> None:
 
 
 async def _run_worker(config: Config, feed_path: str | None, number: int) -> None:
+
     from .server import Server
 
     store = FeedStore(feed_path) if feed_path else None
@@ -162,7 +166,20 @@ async def _run_worker(config: Config, feed_path: str | None, number: int) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     log.info("DNS worker %d starting", number)
-    await server.serve()
+    orphaned = asyncio.create_task(_stop_when_orphaned(server))
+    try:
+        await server.serve()
+    finally:
+        orphaned.cancel()
+
+
+async def _stop_when_orphaned(server: Server) -> None:
+    """A worker must not outlive the first process (even one killed with SIGKILL)."""
+    parent = os.getppid()
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for a parent's death
+        await asyncio.sleep(1.0)
+    log.warning("the first process is gone: DNS worker stopping")
+    server.request_stop()
 
 
 class Supervisor:
