@@ -201,6 +201,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> str:
     await hammer(host, port, args.instances, args.connections, 2.0)
     pids = {"discovery": node.proc.pid, "etcd": cluster.etcd._proc.pid, "client": os.getpid()}
     rows = []
+    load_before = os.getloadavg()[0]
     for r in range(args.rounds):
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         ok, other, errors, latencies, elapsed = await hammer(
@@ -219,24 +220,24 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> str:
                 f"{percentile(latencies, 50):.2f}",
                 f"{percentile(latencies, 99):.2f}",
                 f"{max(latencies):.1f}",
-                " / ".join(f"{cpu[n] / elapsed * 100:.0f}%" for n in ("discovery", "etcd")),
-                " / ".join(f"{cpu[n] / max(total, 1) * 1e6:.0f}" for n in ("discovery", "etcd")),
+                " / ".join(f"{cpu[n] / elapsed * 100:.0f}%" for n in pids),
+                f"{cpu['discovery'] / max(total, 1) * 1e6:.0f}",
+                f"{total / cpu['discovery']:,.0f}" if cpu["discovery"] > 0 else "-",
             ]
         )
         if other:
             log(f"non-200 answers: {other}")
     headers = [
         "round", "heartbeats/s", "requests", "errors", "p50 ms", "p99 ms", "max ms",
-        "CPU discovery / etcd", "CPU µs per heartbeat discovery / etcd",
+        "CPU discovery / etcd / client", "discovery CPU µs per heartbeat",
+        "heartbeats per discovery CPU-second",
     ]  # fmt: skip
     notes = (
         f"{args.instances:,} instances registered in {took:.1f} s; {args.connections} keep-alive "
         f"connections, {args.duration:g} s per round; target >= 3,500 heartbeats/s; "
-        + (
-            "discovery on CPU 1, etcd and client on CPU 0 (taskset)"
-            if args.pin
-            else "no CPU pinning"
-        )
+        + ("discovery on CPU 1, etcd and client on CPU 0 (taskset)" if args.pin else "no pinning")
+        + f"; 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        "(other users of this machine)"
     )
     return table(headers, rows) + "\n\n" + notes
 

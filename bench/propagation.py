@@ -118,12 +118,14 @@ async def timed(coro: Awaitable[None]) -> float:
 
 async def propagation(
     a: Replica, b: Replica, session: aiohttp.ClientSession, count: int, deadline: float
-) -> tuple[list[float], list[float], int]:
-    """(propagation ms per name, PUT latency ms per name, names B never answered)."""
+) -> tuple[list[float], list[float], list[float], int]:
+    """(propagation ms, PUT latency ms, B's answer minus the PUT's return ms, per name;
+    names B never answered)."""
     dns_b = await DnsClient.open(b.dns)
     run = f"{random.randrange(36**4):04x}"
     delays: list[float] = []
     puts: list[float] = []
+    after_put: list[float] = []
     missed = 0
     try:
         for i in range(count):
@@ -143,11 +145,12 @@ async def propagation(
                 continue
             delays.append((seen - t0) * 1000)
             puts.append((put_done - t0) * 1000)
+            after_put.append((seen - put_done) * 1000)
             if (i + 1) % 250 == 0:
                 log(f"propagation: {i + 1}/{count}")
     finally:
         dns_b.close()
-    return delays, puts, missed
+    return delays, puts, after_put, missed
 
 
 # ------------------------------------------------------------------ expiry
@@ -251,7 +254,8 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> str:
         for i in range(20):  # warm-up: connections, code paths
             await register(session, a, "bench", f"warm-{i}", "i0", 300)
         log(f"propagation: {args.count} registrations on A, answered by B")
-        delays, puts, missed = await propagation(a, b, session, args.count, args.deadline)
+        measured = await propagation(a, b, session, args.count, args.deadline)
+        delays, puts, after_put, missed = measured
         etcd = EtcdStore([cluster.etcd.endpoint], request_timeout=5.0)
         results = []
         try:
@@ -274,6 +278,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> str:
     rows = [
         ["PUT sent to A -> B answers (propagation)", len(delays), *stats(delays), "p99 < 50"],
         ["PUT sent to A -> PUT returns (for reference)", len(puts), *stats(puts), ""],
+        ["PUT returns -> B answers (negative: B first)", len(after_put), *stats(after_put), ""],
         ["TTL end -> NXDOMAIN on every replica", len(to_nx), *stats(to_nx), "< 1000"],
         ["  of which: TTL end -> etcd DELETE event (etcd)", len(to_delete), *stats(to_delete), ""],
         ["  of which: DELETE event -> NXDOMAIN on all (discovery)", len(delete_to_nx),
