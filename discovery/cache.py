@@ -9,6 +9,7 @@ addresses are rebuilt.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import logging
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
 DNS_SCHEMA_VERSION = "1.1.0"
+MAX_PTR_TARGETS = 16
 IN_WIRE = b"\x00\x01"
 TYPE_KEYS = {t: t.to_bytes(2, "big") for t in (A, NS, SOA, PTR, TXT, AAAA, SRV)}
 
@@ -328,10 +330,12 @@ class CacheState:
         zone = self.zone_of(reverse)
         assert zone is not None
         apex = self.zones_by_name[self.settings.zones[0]]
-        ttl = min(self._ttl(i) for i in holders.values())
-        targets = sorted(
-            _label(key.name) + self._service_wire(key.service_key, apex) for key in holders
-        )
+        # Many instances may share a node's address: name the first few in name order
+        # (the same on every replica, however their updates arrived), so the answer stays
+        # small and a change costs one pass over the holders, not a sort.
+        named = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_name_order)
+        ttl = min(self._ttl(i) for i in named)
+        targets = [_label(i.key.name) + self._service_wire(i.key.service_key, apex) for i in named]
         owned = [
             self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: Answer.pointers(ttl, targets)})
         ]
@@ -340,6 +344,11 @@ class CacheState:
             if wire := self._ent(".".join(labels[depth:]), zone):
                 owned.append(wire)
         self._owned[("address", address)] = owned
+
+
+def _name_order(instance: Instance) -> tuple[str, str, str]:
+    key = instance.key
+    return (key.namespace, key.service, key.name)
 
 
 def _label(text: str) -> bytes:

@@ -1,0 +1,92 @@
+"""The cache's incremental updates against a full rebuild, and its limits."""
+
+from __future__ import annotations
+
+import dns.message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from discovery.cache import MAX_PTR_TARGETS, Cache, DnsSettings
+from discovery.dns.resolver import Resolver
+from discovery.model import InstanceKey, Registration, encode_registration
+from discovery.store.base import Event, EventType, KeyValue, Snapshot
+
+PREFIX = "/discovery/"
+SETTINGS = DnsSettings(("cluster.local", "corp.example"), 5, 5)
+
+names = st.sampled_from(["a", "b", "c", "d"])
+registrations = st.builds(
+    dict,
+    address=st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "fd00::1"]),
+    ttl=st.sampled_from([2, 3, 30]),
+    ports=st.lists(
+        st.builds(
+            dict,
+            name=st.sampled_from(["http", "grpc"]),
+            port=st.sampled_from([80, 8080]),
+            protocol=st.sampled_from(["tcp", "udp"]),
+        ),
+        max_size=2,
+        unique_by=lambda p: (p["name"], p["protocol"]),
+    ),
+)
+operations = st.lists(
+    st.tuples(st.booleans(), names, names, names, registrations), min_size=1, max_size=80
+)
+
+
+def key(ns: str, svc: str, inst: str) -> bytes:
+    return InstanceKey(ns, svc, inst).store_key(PREFIX)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations, st.integers(min_value=1, max_value=8))
+def test_incremental_updates_equal_a_full_load(ops: list, batch: int) -> None:
+    """Whatever the order and batching of events, the answers equal a fresh load's."""
+    incremental = Cache(SETTINGS, PREFIX)
+    incremental.load(Snapshot(1, []))
+    store: dict[bytes, KeyValue] = {}
+    events = []
+    for revision, (is_put, ns, svc, inst, body) in enumerate(ops, start=2):
+        k = key(ns, svc, inst)
+        if is_put:
+            value = encode_registration(Registration(**body))
+            store[k] = KeyValue(k, value, revision, revision)
+            events.append(Event(EventType.PUT, k, value, revision, revision))
+        else:
+            store.pop(k, None)
+            events.append(Event(EventType.DELETE, k, b"", revision, 0))
+    for start in range(0, len(events), batch):
+        incremental.apply(events[start : start + batch])
+    fresh = Cache(SETTINGS, PREFIX)
+    fresh.load(Snapshot(len(ops) + 1, sorted(store.values(), key=lambda kv: kv.key)))
+    assert incremental.state.names == fresh.state.names
+    assert incremental.state.answers.keys() == fresh.state.answers.keys()
+    for wire, answer in fresh.state.answers.items():
+        assert set(incremental.state.answers[wire].bodies) == set(answer.bodies), wire
+
+
+def test_reverse_answers_name_at_most_a_few_instances_of_a_shared_address() -> None:
+    cache = Cache(SETTINGS, PREFIX)
+    cache.load(Snapshot(1, []))
+    value = encode_registration(Registration(address="10.7.7.7"))
+    count = MAX_PTR_TARGETS * 3
+    cache.apply(
+        Event(EventType.PUT, key("default", "web", f"i{n}"), value, n + 2, 1) for n in range(count)
+    )
+    resolver = Resolver(cache)
+
+    def ptr_targets() -> set[str]:
+        query = dns.message.make_query("7.7.7.10.in-addr.arpa", "PTR")
+        response = resolver.answer(query.to_wire())
+        assert response is not None
+        message = dns.message.from_wire(response)
+        return {rr.to_text() for rrset in message.answer for rr in rrset}
+
+    first = ptr_targets()
+    in_name_order = sorted(f"i{n}" for n in range(count))[:MAX_PTR_TARGETS]
+    assert first == {f"{name}.web.default.svc.cluster.local." for name in in_name_order}
+    cache.apply([Event(EventType.DELETE, key("default", "web", "i0"), b"", count + 2, 0)])
+    after = ptr_targets()
+    assert len(after) == MAX_PTR_TARGETS
+    assert "i0.web.default.svc.cluster.local." not in after
