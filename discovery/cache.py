@@ -393,7 +393,8 @@ class Cache:
                 services.add(touched[0])
                 addresses |= touched[1]
         self._finish(state, services, addresses, snapshot.revision)
-        for service in state.services:
+        # Every service known before or after may have changed: long polls on any wake.
+        for service in state.services.keys() | self.state.service_revision.keys():
             state.service_revision[service] = snapshot.revision
         self.state = state
         self.synced = True
