@@ -596,12 +596,18 @@ class EtcdStore:
         async def op(c: _Client) -> Any:
             return await c.maintenancestub.Status(rpc.StatusRequest(), **self._timeout_args(c))
 
+        if self._client is not client or client.maintenancestub is None:
+            # another call dropped the connection (aetcd's close() unsets the stubs): the
+            # watch's stream is gone with it
+            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed")
         try:
             async with asyncio.timeout(self._request_timeout + 0.5):
                 response = await op(client)
         except TimeoutError:
             await self._drop(client)
             raise StoreUnavailable(f"etcd {client.endpoint}: watch probe timed out") from None
+        except grpc.aio.UsageError:  # the channel is closing
+            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
