@@ -436,6 +436,62 @@ async def etcd_hung(a: Client, b: Client, etcd_server: EtcdServer, etcd: EtcdSto
         await store_state(client, "ok")
 
 
+async def test_etcd_flapping_under_writes_nothing_breaks(
+    etcd_server: EtcdServer, etcd: EtcdStore, session: aiohttp.ClientSession
+) -> None:
+    """etcd hangs and comes back again and again while writes pour in through both replicas
+    with short timeouts: every answer is a success, a 404 or a 503 (never a 500), the
+    watchers only ever resume (no unexpected failure), and both end equal to etcd."""
+    rng = random.Random(SEED)
+    timeouts = {"etcd_request_timeout": 0.3, "etcd_dial_timeout": 0.3}
+    async with (
+        replica(etcd_server.endpoint, session, **timeouts) as a,
+        replica(etcd_server.endpoint, session, **timeouts) as b,
+    ):
+        await synced(a, b)
+        statuses: dict[int, int] = {}
+        stop = asyncio.Event()
+
+        async def writer(client: Client, k: int) -> None:
+            while not stop.is_set():
+                key = ("flap", f"s{k}", f"i{rng.randrange(8)}")
+                op = rng.choice(["register", "heartbeat", "delete"])
+                if op == "register":
+                    address = f"10.5.{k}.{rng.randrange(1, 255)}"
+                    status, body, _ = await client.request(
+                        "PUT", path(*key), json={"address": address, "ttl": 30}
+                    )
+                elif op == "heartbeat":
+                    status, body, _ = await client.request("PUT", path(*key) + "/heartbeat")
+                else:
+                    status, body, _ = await client.request("DELETE", path(*key))
+                assert status in (200, 201, 204, 404, 503), (op, key, status, body)
+                statuses[status] = statuses.get(status, 0) + 1
+                await asyncio.sleep(0.01)
+
+        writers = [asyncio.create_task(writer((a, b)[k % 2], k)) for k in range(4)]
+        try:
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline:
+                await asyncio.sleep(rng.uniform(0.1, 0.8))  # etcd up
+                etcd_server.pause()
+                try:
+                    await asyncio.sleep(rng.uniform(0.1, 1.2))  # etcd hung
+                finally:
+                    etcd_server.resume()
+        finally:
+            stop.set()
+            await asyncio.gather(*writers)
+        print(f"\n[replicas] flapping etcd: HTTP statuses {dict(sorted(statuses.items()))}")
+        assert statuses.get(503) and statuses.get(201), statuses
+        await in_sync((a, b), etcd, within=20)
+        for client in (a, b):
+            watcher = client.server.watcher
+            assert watcher.failures == 0, "a watcher failed with something else than an outage"
+            assert watcher.resumes > 0
+            await store_state(client, "ok")
+
+
 # 3. a replica that starts while etcd is down
 
 
