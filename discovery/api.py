@@ -347,6 +347,10 @@ async def get_instance(request: web.Request) -> web.Response:
         remaining = await ctx.store.time_to_live(instance.lease)
     except LeaseNotFound:
         raise _not_found(key) from None
+    except StoreUnavailable:
+        # Reads answer from memory through an outage; only the expiry is unknown then.
+        ctx.metrics.store_errors.inc()
+        return _indexed(instance.to_json(), ctx.cache)
     return _indexed(_instance_body(instance, remaining), ctx.cache)
 
 
