@@ -765,9 +765,11 @@ def main() -> int:
                              into: list[Profiler] = profiler) -> None:  # fmt: skip
                     into.append(Profiler(pid, out))
 
-            server = start_server(procs, etcd, work, f"{name}-{rep}", on_start=on_start)
-            for p in profiler:
-                p.stop()
+            try:
+                server = start_server(procs, etcd, work, f"{name}-{rep}", on_start=on_start)
+            finally:
+                for p in profiler:
+                    p.stop()
             res.loads.append(server)
             log(
                 f"  load {rep + 1}: {server.records:,} records; DNS listening at "
@@ -790,10 +792,12 @@ def main() -> int:
             if args.profile and b == 0 and res.registry is not base_reg:
                 profiler = Profiler(server.pid, args.profile / f"burst-{len(results)}.svg")
                 time.sleep(1.0)
-            result = burst(etcd, server, res.registry, leases, args.burst, b, args.lease_ttl,
-                           args.concurrency)  # fmt: skip
-            if profiler:
-                profiler.stop()
+            try:
+                result = burst(etcd, server, res.registry, leases, args.burst, b,
+                               args.lease_ttl, args.concurrency)  # fmt: skip
+            finally:
+                if profiler:
+                    profiler.stop()
             res.bursts.append(result)
             log(
                 f"  burst {b + 1}: {result.writes:,} puts in {result.write_s:.2f} s, applied "
@@ -861,6 +865,7 @@ def main() -> int:
     print("\n".join(run_lines(results[1:])))
     if not args.no_docs:
         facts = machine_facts()
+        facts["nproc"] = str(os.cpu_count())  # `nproc` in this process, pinned to CPU 0, says 1
         load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         write_markdown(args.docs, command=command, started=started, facts=facts, args=args,
                        results=results, empty=empty, empty_load=empty_load, table=table,
@@ -917,7 +922,13 @@ def write_markdown(path: Path, *, command: str, started: dt.datetime, facts: dic
         f"* Settings: {args.load_repeats} load repeats, {args.bursts} bursts of "
         f"{args.burst:,} puts, {args.rounds} dnsperf rounds x {args.duration} s, query file "
         f"{args.lines:,} lines, {args.concurrency} etcd writes in flight, leases of "
-        f"{args.lease_ttl} s",
+        f"{args.lease_ttl} s"
+        + (
+            f"; py-spy attached to the first load and first burst of the big registries "
+            f"(flame graphs in {args.profile})"
+            if args.profile
+            else ""
+        ),
         "",
         "Each registry lives in its own etcd (one member, loopback, temporary data directory, "
         "`taskset -c 0`). The instances are written straight into etcd in the layout of the API: "
