@@ -720,6 +720,7 @@ def dnsperf_rounds(procs: Procs, res: Result, big: Server, base: Server, work: P
 def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started ignoring it
     for tool in ("etcd", "dnsperf", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing (apt-get install etcd-server dnsperf util-linux)")
