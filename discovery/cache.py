@@ -335,10 +335,13 @@ class CacheState:
         # small and a change costs one pass over the holders, not a sort.
         named = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_name_order)
         ttl = min(self._ttl(i) for i in named)
-        targets = [_label(i.key.name) + self._service_wire(i.key.service_key, apex) for i in named]
-        owned = [
-            self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: Answer.pointers(ttl, targets)})
-        ]
+        if len(named) == 1:
+            target = _label(named[0].key.name) + self._service_wire(named[0].key.service_key, apex)
+            answer = Answer.pointers(ttl, [target])
+        else:  # several targets share a suffix: the general encoder compresses them
+            records = tuple(RR(reverse, PTR, ttl, instance_name(i.key, apex.name)) for i in named)
+            answer = Answer.build(reverse, records)
+        owned = [self._node(name_to_wire(reverse), zone, {TYPE_KEYS[PTR]: answer})]
         labels = reverse.split(".")
         for depth in range(1, len(labels) - len(zone.name.split("."))):
             if wire := self._ent(".".join(labels[depth:]), zone):

@@ -167,15 +167,21 @@ class Answer:
 
     `bodies` holds one encoding per rotation of the answer records; the responder picks
     one per query so that multi-address answers rotate without re-encoding. `counts`
-    are the header's QDCOUNT..ARCOUNT without and with an OPT record.
+    are the header's QDCOUNT..ARCOUNT without and with an OPT record. `cuts` are the
+    lengths of the body with 0, 1, … additional RRsets (empty when it has none): an answer
+    too big for the client keeps as many whole additional RRsets as fit.
     """
 
     counts: bytes
     counts_edns: bytes
     bodies: tuple[bytes, ...]
+    an: int
+    cuts: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, body: bytes, an: int, ar: int = 0, rotate: bool = False) -> Answer:
+    def of(
+        cls, body: bytes, an: int, ar: int = 0, rotate: bool = False, cuts: tuple[int, ...] = ()
+    ) -> Answer:
         bodies = [body]
         if rotate and an > 1:
             # Every record has the same length (a pointer owner and a fixed-size address),
@@ -185,14 +191,19 @@ class Answer:
             for step in range(1, steps):
                 cut = (step * an // steps) * size
                 bodies.append(body[cut:] + body[:cut])
-        return cls(counts(an, 0, ar), counts(an, 0, ar + 1), tuple(bodies))
+        return cls(counts(an, 0, ar), counts(an, 0, ar + 1), tuple(bodies), an, cuts)
 
     @classmethod
     def build(cls, qname: str, answer: tuple[RR, ...], additional: tuple[RR, ...] = ()) -> Answer:
         """Any records, through the general encoder (zone apex and other static names)."""
         body = encode_sections(qname, answer, (), additional)
         rotate = not additional and all(rr.rtype in (A, AAAA) for rr in answer)
-        return cls.of(body, len(answer), len(additional), rotate)
+        # Encoding is prefix-stable, so the lengths with fewer glue records are cut points.
+        cuts = tuple(
+            len(encode_sections(qname, answer, (), additional[:k]))
+            for k in range(len(additional) + 1)
+        )
+        return cls.of(body, len(answer), len(additional), rotate, cuts if additional else ())
 
     @classmethod
     def addresses(cls, ttl: int, addresses: list[str]) -> Answer:
@@ -220,6 +231,7 @@ class Answer:
             answer += rdata
         glue = bytearray()
         glued = 0
+        cuts = [len(answer)]
         for target in targets:
             offset = first_copy.pop(target.wire, None)
             if offset is None:
@@ -228,7 +240,8 @@ class Answer:
             owner = struct.pack(">H", 0xC000 | offset) if offset <= 0x3FFF else target.wire
             glue += owner + _fixed(rtype, target.ttl) + _rdlength(packed) + packed
             glued += 1
-        return cls.of(bytes(answer + glue), len(targets), glued)
+            cuts.append(len(answer) + len(glue))
+        return cls.of(bytes(answer + glue), len(targets), glued, cuts=tuple(cuts) if glued else ())
 
     @classmethod
     def pointers(cls, ttl: int, targets: list[bytes]) -> Answer:

@@ -8,6 +8,7 @@ applies every rule of the contract; tests check both give the same answers.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from .records import (
     Soa,
     Srv,
 )
+from .records import counts as record_counts
 
 UDP_MIN = 512
 TCP_MAX = 65535
@@ -58,11 +60,11 @@ _ZONE_MEMO_SIZE = 65536  # IXFR, AXFR
 _ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in _ZONE_TRANSFER)
 
 
-def _flag_table(rcode: int, aa: bool, ra: bool) -> tuple[bytes, ...]:
+def _flag_table(rcode: int, aa: bool, ra: bool, tc: bool = False) -> tuple[bytes, ...]:
     """The two flag bytes of a response, indexed by the query's RD | CD << 1."""
     out = []
     for index in range(4):
-        high = 0x80 | (0x04 if aa else 0) | (index & 1)
+        high = 0x80 | (0x04 if aa else 0) | (0x02 if tc else 0) | (index & 1)
         low = (0x80 if ra else 0) | (0x10 if index & 2 else 0) | rcode
         out.append(bytes((high, low)))
     return tuple(out)
@@ -87,6 +89,7 @@ class Resolver:
         self._turn = 0
         self._ok = _flag_table(NOERROR, True, recursion)
         self._nx = _flag_table(NXDOMAIN, True, recursion)
+        self._tc = _flag_table(NOERROR, True, recursion, tc=True)
         self._zone_memo: dict[bytes, Zone | None] = {}
 
     def answer(self, query: bytes, tcp: bool = False) -> bytes | None:
@@ -161,8 +164,22 @@ class Resolver:
             negative = zone.negative
             body = negative.body
             counts = negative.counts_edns if edns else negative.counts
-        if qend + len(body) + (11 if edns else 0) > (TCP_MAX if tcp else limit):
-            return None  # needs truncation
+        room = (TCP_MAX if tcp else limit) - qend - (11 if edns else 0)
+        if len(body) > room:
+            if tcp or found is None:
+                return None  # over 64 KiB: the full path decides what to keep
+            cuts = found.cuts
+            if cuts and cuts[0] <= room:
+                # Keep the answer and as many whole additional RRsets as fit: no TC.
+                kept = bisect.bisect_right(cuts, room) - 1
+                body = body[: cuts[kept]]
+                counts = record_counts(found.an, 0, kept + edns)
+            else:
+                # Not even the answer section fits: TC=1 and no records (RFC 2181 9).
+                self.stats.truncated += 1
+                flags = self._tc
+                body = b""
+                counts = record_counts(0, 0, edns)
         flag = flags[(q[2] & 1) | (q[3] & 0x10) >> 3]
         if edns:
             return b"".join((q[:2], flag, counts, q[12:qend], body, OPT_RECORD))
