@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
 
 from .cache import Cache
-from .store.base import Compacted, Store, StoreError, StoreUnavailable
+from .store.base import Compacted, Event, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,7 @@ class Watcher:
                     )
                     self.cache.mark_contact(True)
                 # no contact mark before the watch answers: resuming is not reaching the store
-                async for batch in self.store.watch(self.prefix, self.cache.revision + 1):
-                    self.cache.apply(batch)
-                    self.cache.mark_contact(True)
-                    backoff.reset()
+                await self._follow(backoff)
                 return  # the store closed the stream: we are shutting down
             except Compacted as error:
                 self.reloads += 1
@@ -89,6 +87,55 @@ class Watcher:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _follow(self, backoff: Backoff) -> None:
+        """Apply the watch from the cache's revision on until the stream ends or fails.
+
+        A pump task receives the stream; batches that arrived while the cache was busy are
+        applied together, so a burst rebuilds each touched service once per pass rather
+        than once per event.
+        """
+        queue: asyncio.Queue[list[Event] | BaseException | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for batch in self.store.watch(self.prefix, self.cache.revision + 1):
+                    queue.put_nowait(batch)
+                queue.put_nowait(None)
+            except (Exception, asyncio.CancelledError) as error:
+                task = asyncio.current_task()
+                if isinstance(error, asyncio.CancelledError) and task and task.cancelling():
+                    raise
+                queue.put_nowait(error)
+
+        pumping = asyncio.create_task(pump(), name="watch-pump")
+        try:
+            while True:
+                item = await queue.get()
+                events: list[Event] = []
+                while isinstance(item, list):
+                    events.extend(item)
+                    waiting = queue.qsize()
+                    while True:  # let the pump hand over what it has already received
+                        await asyncio.sleep(0)
+                        if queue.qsize() == waiting:
+                            break
+                        waiting = queue.qsize()
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if events:
+                    self.cache.apply(events)
+                    self.cache.mark_contact(True)
+                    backoff.reset()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
 
     async def probe(self) -> None:
         """Tell whether the store answers, so readiness and metrics can say how stale we are."""
