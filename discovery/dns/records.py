@@ -37,15 +37,7 @@ class Soa:
     minimum: int = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Srv:
-    priority: int
-    weight: int
-    port: int
-    target: str
-
-
-Rdata = str | Srv | Soa | tuple[str, ...]
+Rdata = str | Soa | tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +70,15 @@ class _Writer:
         self.compress = qname is not None
         self.base = 12 + len(name_to_wire(qname)) + 4 if qname is not None else 0
 
-    def name(self, name: str, compress: bool = True, owner: bool = False) -> None:
-        """Write a name, pointing at an earlier copy of a suffix when `compress`."""
+    def name(self, name: str, owner: bool = False) -> None:
+        """Write a name, pointing at an earlier copy of a suffix where there is one."""
         if owner and self.compress and name == self.qname:
             self.buf += b"\xc0\x0c"  # the question, spelled as the client sent it
             return
         labels = name.split(".") if name else []
         for i in range(len(labels)):
             suffix = ".".join(labels[i:])
-            pointer = self.offsets.get(suffix) if self.compress and compress else None
+            pointer = self.offsets.get(suffix) if self.compress else None
             if pointer is not None:
                 self.buf += struct.pack(">H", 0xC000 | pointer)
                 return
@@ -106,10 +98,6 @@ class _Writer:
         if rr.rtype == A or rr.rtype == AAAA:
             assert isinstance(data, str)
             self.buf += address_bytes(data)[1]
-        elif rr.rtype == SRV:
-            assert isinstance(data, Srv)
-            self.buf += struct.pack(">HHH", data.priority, data.weight, data.port)
-            self.name(data.target, compress=False)  # RFC 2782: no compression here
         elif rr.rtype == PTR or rr.rtype == NS:
             assert isinstance(data, str)
             self.name(data)
@@ -273,11 +261,10 @@ class SrvTarget:
 class Negative:
     """An answer without records (NXDOMAIN or NODATA): the zone SOA in authority."""
 
-    soa: RR
     body: bytes
     counts: bytes
     counts_edns: bytes
 
     @classmethod
     def build(cls, soa: RR) -> Negative:
-        return cls(soa, encode_sections(None, (), (soa,), ()), counts(0, 1, 0), counts(0, 1, 1))
+        return cls(encode_sections(None, (), (soa,), ()), counts(0, 1, 0), counts(0, 1, 1))
