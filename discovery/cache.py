@@ -306,14 +306,15 @@ class CacheState:
         self._owned[("service", service)] = owned
 
     def _srv(self, qname: bytes, pairs: list[tuple[Instance, int]], base: bytes) -> Answer:
+        dns_ttl = self.settings.dns_ttl
         targets = [
             SrvTarget(
-                instance.spec.priority,
-                instance.spec.weight,
+                (spec := instance.spec).priority,
+                spec.weight,
                 port,
                 _label(instance.key.name) + base,
-                instance.spec.address,
-                self._ttl(instance),
+                spec.address,
+                min(dns_ttl, spec.ttl),
             )
             for instance, port in pairs
         ]

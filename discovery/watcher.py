@@ -7,11 +7,15 @@ import contextlib
 import gc
 import logging
 import random
+import time
 
 from .cache import Cache
 from .store.base import Compacted, Event, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+COALESCE_AFTER = 0.0005  # an apply this long means a burst is on: gather the next batches
+COALESCE_MAX = 0.020  # for at most this long (it adds to the propagation delay)
 
 
 class Backoff:
@@ -93,7 +97,7 @@ class Watcher:
 
         A pump task receives the stream; batches that arrived while the cache was busy are
         applied together, so a burst rebuilds each touched service once per pass rather
-        than once per event.
+        than once per event. An idle watch applies each event as soon as it arrives.
         """
         queue: asyncio.Queue[list[Event] | BaseException | None] = asyncio.Queue()
 
@@ -109,23 +113,24 @@ class Watcher:
                 queue.put_nowait(error)
 
         pumping = asyncio.create_task(pump(), name="watch-pump")
+        busy = 0.0  # seconds the last apply took
         try:
             while True:
                 item = await queue.get()
+                if busy > COALESCE_AFTER:
+                    # A burst: changes arrive faster than they are applied. Let the next
+                    # ones queue up for as long as the last apply took, then take them all.
+                    await asyncio.sleep(min(busy, COALESCE_MAX))
                 events: list[Event] = []
                 while isinstance(item, list):
                     events.extend(item)
-                    waiting = queue.qsize()
-                    while True:  # let the pump hand over what it has already received
-                        await asyncio.sleep(0)
-                        if queue.qsize() == waiting:
-                            break
-                        waiting = queue.qsize()
                     if queue.empty():
                         break
                     item = queue.get_nowait()
                 if events:
+                    started = time.perf_counter()
                     self.cache.apply(events)
+                    busy = time.perf_counter() - started
                     self.cache.mark_contact(True)
                     backoff.reset()
                 if item is None:

@@ -145,7 +145,12 @@ def address_bytes(address: str) -> tuple[int, bytes]:
 _POINTER_TO_QUESTION = b"\xc0\x0c"
 
 
+_SRV_FIELDS = struct.Struct(">HHH")
+
+
+@functools.lru_cache(maxsize=1024)
 def _fixed(rtype: int, ttl: int) -> bytes:
+    """Type, class IN and TTL of a record: a handful of distinct values."""
     return struct.pack(">HHI", rtype, IN, ttl)
 
 
@@ -209,27 +214,26 @@ class Answer:
         Targets are written uncompressed (RFC 2782); a glue record's owner points at its
         target's first copy when that offset can be expressed.
         """
-        base = 12 + len(qname_wire) + 4
-        answer = bytearray()
-        first_copy: dict[bytes, int] = {}
+        head = _POINTER_TO_QUESTION + _fixed(SRV, ttl)
+        offset = 12 + len(qname_wire) + 4  # where the next record starts in the message
+        records = []
+        first_copy: dict[bytes, tuple[int, SrvTarget]] = {}
         for target in targets:
-            rdata = struct.pack(">HHH", target.priority, target.weight, target.port) + target.wire
-            answer += _POINTER_TO_QUESTION + _fixed(SRV, ttl) + _rdlength(rdata)
-            first_copy.setdefault(target.wire, base + len(answer) + 6)
-            answer += rdata
-        glue = bytearray()
-        glued = 0
-        cuts = [len(answer)]
-        for target in targets:
-            offset = first_copy.pop(target.wire, None)
-            if offset is None:
-                continue  # already glued
+            rdata = _SRV_FIELDS.pack(target.priority, target.weight, target.port) + target.wire
+            record = head + len(rdata).to_bytes(2, "big") + rdata
+            if target.wire not in first_copy:
+                first_copy[target.wire] = (offset + len(record) - len(target.wire), target)
+            records.append(record)
+            offset += len(record)
+        cuts = [sum(map(len, records))]
+        for pointer, target in first_copy.values():
             rtype, packed = address_bytes(target.address)
-            owner = struct.pack(">H", 0xC000 | offset) if offset <= 0x3FFF else target.wire
-            glue += owner + _fixed(rtype, target.ttl) + _rdlength(packed) + packed
-            glued += 1
-            cuts.append(len(answer) + len(glue))
-        return cls.of(bytes(answer + glue), len(targets), glued, cuts=tuple(cuts) if glued else ())
+            owner = (0xC000 | pointer).to_bytes(2, "big") if pointer <= 0x3FFF else target.wire
+            records.append(owner + _fixed(rtype, target.ttl) + _rdlength(packed) + packed)
+            cuts.append(cuts[-1] + len(records[-1]))
+        glued = len(first_copy)
+        body = b"".join(records)
+        return cls.of(body, len(targets), glued, cuts=tuple(cuts) if glued else ())
 
     @classmethod
     def pointers(cls, ttl: int, targets: list[bytes]) -> Answer:
