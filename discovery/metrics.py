@@ -87,6 +87,11 @@ class _StateCollector(Collector):
         )
         resumes.add_metric([], self.watcher.resumes)
         yield resumes
+        failures = CounterMetricFamily(
+            "discovery_watch_failures", "Unexpected watch errors, each followed by a full reload"
+        )
+        failures.add_metric([], self.watcher.failures)
+        yield failures
         stats = self.stats
         queries = CounterMetricFamily(
             "discovery_dns_queries", "DNS queries answered, by path", labels=["path"]
