@@ -45,8 +45,9 @@ TCP_MAX = 65535
 _IN = b"\x00\x01"
 _QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
 _ANY_ORDER = (A, AAAA, SRV, PTR, TXT, SOA, NS)
-_ZONE_TRANSFER = (251, 252)
-_ZONE_MEMO_SIZE = 65536  # IXFR, AXFR
+_ZONE_TRANSFER = (251, 252)  # IXFR, AXFR
+_ZONE_MEMO_SIZE = 65536  # names remembered with their zone, for negative answers
+_EMPTY, _EMPTY_EDNS = record_counts(0, 0, 0), record_counts(0, 0, 1)  # a truncated answer
 _ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in _ZONE_TRANSFER)
 
 
@@ -169,7 +170,7 @@ class Resolver:
                 self.stats.truncated += 1
                 flags = self._tc
                 body = b""
-                counts = record_counts(0, 0, edns)
+                counts = _EMPTY_EDNS if edns else _EMPTY
         flag = flags[(q[2] & 1) | (q[3] & 0x10) >> 3]
         if edns:
             return b"".join((q[:2], flag, counts, q[12:qend], body, OPT_RECORD))
