@@ -36,6 +36,7 @@ MAX_BODY = 64 * 1024
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 RETRY_AFTER = "2"
+WRITE_VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's cache to show it
 PROBLEM = "application/problem+json"
 
 
@@ -209,6 +210,8 @@ async def register(request: web.Request) -> web.Response:
             await ctx.store.revoke(result.prev.lease)  # it holds no key any more
         except LeaseNotFound:
             pass
+    # Read your writes: this replica answers the new record before the client hears back.
+    await ctx.cache.wait(lambda: ctx.cache.revision >= result.revision, WRITE_VISIBLE_WAIT)
     instance = Instance(key, Spec.of(spec, value), lease, result.revision)
     return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
 
@@ -269,7 +272,8 @@ def _heartbeat_expires(ttl: int) -> str:
 async def deregister(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
-    prev = await ctx.store.delete(key.store_key(ctx.config.etcd_prefix))
+    store_key = key.store_key(ctx.config.etcd_prefix)
+    prev = await ctx.store.delete(store_key)
     if prev is None:
         raise _not_found(key)
     if prev.lease:
@@ -277,6 +281,8 @@ async def deregister(request: web.Request) -> web.Response:
             await ctx.store.revoke(prev.lease)
         except LeaseNotFound:
             pass
+    # Read your writes: this replica stops answering before the client hears back.
+    await ctx.cache.wait(lambda: ctx.cache.state.keys.get(store_key) is None, WRITE_VISIBLE_WAIT)
     return web.Response(status=204)
 
 
