@@ -142,13 +142,14 @@ class Resolver:
         else:
             if q[end + 3 : qend] != b"\x00\x01":
                 return None  # not class IN
-            zone = state.names.get(q[12 : end + 1].lower())
+            name = q[12 : end + 1].lower()
+            zone = state.names.get(name)
             if zone is not None:
                 if q[end + 1] != 0 or not 0 < q[end + 2] < 128:
                     return None  # meta types (ANY, AXFR, ...) take the full path
                 flags = self._ok  # NODATA
             else:
-                zone = self._zone_of_wire(q, end)
+                zone = self._zone_of_wire(q, end, name)
                 if zone is None or q[end + 1 : end + 3] in _ZONE_TRANSFER_WIRE:
                     return None
                 flags = self._nx
@@ -176,21 +177,20 @@ class Resolver:
             return b"".join((q[:2], flag, counts, q[12:qend], body, OPT_RECORD))
         return b"".join((q[:2], flag, counts, q[12:qend], body))
 
-    def _zone_of_wire(self, q: bytes, end: int) -> Zone | None:
-        """The zone of a well-formed question name ending at `end` (memoized: zones are
-        fixed for the life of the process)."""
-        name = q[12 : end + 1].lower()
+    def _zone_of_wire(self, q: bytes, end: int, name: bytes) -> Zone | None:
+        """The zone of a well-formed question name ending at `end`, lower-cased as `name`
+        (memoized: zones are fixed for the life of the process)."""
         try:
             return self._zone_memo[name]
         except KeyError:
             pass
-        zone = self._walk_zone(q, end)
+        zone = self._walk_zone(q, end, name)
         if len(self._zone_memo) >= _ZONE_MEMO_SIZE:
             self._zone_memo.clear()
         self._zone_memo[name] = zone
         return zone
 
-    def _walk_zone(self, q: bytes, end: int) -> Zone | None:
+    def _walk_zone(self, q: bytes, end: int, name: bytes) -> Zone | None:
         if end - 11 > 255:
             return None  # over 255 bytes: FORMERR on the full path
         try:
@@ -207,7 +207,6 @@ class Resolver:
             i += length + 1
         if i != end:
             return None  # a label holds a zero byte: leave it to the full path
-        name = q[12 : end + 1].lower()
         for zone in self.cache.state.zones:
             cut = len(name) - len(zone.wire)
             if name.endswith(zone.wire) and (cut == 0 or cut + 12 in starts):
