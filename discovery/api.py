@@ -177,9 +177,20 @@ def _validate(data: Any, config: Config) -> Registration:
     return spec
 
 
+_expires_memo: dict[tuple[int, int], str] = {}
+
+
 def _expires(ttl: int) -> str:
-    moment = datetime.now(UTC) + timedelta(seconds=ttl)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    """RFC 3339 time ttl seconds from now, computed once per second and TTL (heartbeats
+    come by thousands)."""
+    key = (int(time.time()), ttl)
+    text = _expires_memo.get(key)
+    if text is None:
+        if len(_expires_memo) > 64:
+            _expires_memo.clear()
+        moment = datetime.now(UTC) + timedelta(seconds=ttl)
+        text = _expires_memo[key] = moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return text
 
 
 def _instance_body(instance: Instance, remaining: int | None = None) -> dict[str, Any]:
@@ -247,26 +258,13 @@ async def heartbeat(request: web.Request) -> web.Response:
             ttl = await ctx.store.keepalive(instance.lease)
         except LeaseNotFound:
             continue
-        body = instance.to_json()
-        body["lease"]["expires_at"] = _heartbeat_expires(ttl)  # type: ignore[index]
+        body = _instance_body(instance, ttl)
         # what web.json_response(body) sends, without its per-call overhead
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON, charset="utf-8")
     raise _not_found(key)
 
 
 _JSON = "application/json"
-_expires_memo: dict[tuple[int, int], str] = {}
-
-
-def _heartbeat_expires(ttl: int) -> str:
-    """_expires(ttl), computed once per second and TTL (heartbeats come by thousands)."""
-    key = (int(time.time()), ttl)
-    text = _expires_memo.get(key)
-    if text is None:
-        if len(_expires_memo) > 64:
-            _expires_memo.clear()
-        text = _expires_memo[key] = _expires(ttl)
-    return text
 
 
 async def deregister(request: web.Request) -> web.Response:
