@@ -35,7 +35,8 @@ from discovery.store.etcd import EtcdStore
 
 EtcdServer = etcd_support.EtcdServer
 open_etcd_store = etcd_support.open_etcd_store
-etcd_server = etcd_support.etcd_server  # the fixture
+etcd_server = etcd_support.etcd_server  # the fixtures
+etcd_store = etcd_support.etcd_store
 
 P = b"/t/v1/instances/"
 UNKNOWN_LEASE = 0x1234_5678_9ABC
@@ -503,6 +504,8 @@ async def test_etcd_auth_logs_in_again_when_the_token_expires(
     async with open_etcd_store(auth_etcd_server, user="disc", password="secret") as store:
         put = await store.put(P + b"a", b"1")
         assert await store.revision() == put.revision
+        lease = await store.grant(60)
+        assert await store.keepalive(lease) == 60  # the lease stream carries the token
         await asyncio.sleep(2.5)  # the token expires (simple token, TTL 1 s, not used)
         assert (await store.get(P + b"a")) is not None  # re-login, same call succeeds
         assert logins == 2
@@ -531,6 +534,8 @@ async def test_etcd_mutual_tls(tmp_path: Path) -> None:
     await asyncio.to_thread(server.start)
     try:
         async with open_etcd_store(server) as store:  # ca, cert and key from server.tls
+            lease = await store.grant(30)
+            assert await store.keepalive(lease) == 30  # the lease stream: TLS with ALPN h2
             put = await store.put(P + b"a", b"1")
             async with watching(store, P, put.revision) as watch:
                 (event,) = await watch.take(1)
@@ -546,3 +551,28 @@ async def test_etcd_mutual_tls(tmp_path: Path) -> None:
             await plaintext.close()
     finally:
         server.stop()
+
+
+async def test_etcd_keepalives_beyond_the_flow_control_windows(etcd_store: EtcdStore) -> None:
+    """20,000 renewals in flight at once: about 300 KB of requests, over HTTP/2's default
+    64 KiB windows, so the lease stream must wait for etcd's WINDOW_UPDATEs; and answers in
+    request order for leases renewed many times each."""
+    leases = [await etcd_store.grant(ttl) for ttl in range(30, 130)]
+    calls = [etcd_store.keepalive(leases[i % len(leases)]) for i in range(20_000)]
+    ttls = await asyncio.gather(*calls)
+    assert ttls == [30 + i % len(leases) for i in range(20_000)]
+    await etcd_store.revoke(leases[0])
+    with pytest.raises(LeaseNotFound):
+        await etcd_store.keepalive(leases[0])
+    assert await etcd_store.keepalive(leases[1]) == 31  # the stream survives a refusal
+
+
+async def test_etcd_cancelled_keepalives_leave_the_stream_in_step(etcd_store: EtcdStore) -> None:
+    """Callers that give up still take their answers: later renewals get their own."""
+    short, long = await etcd_store.grant(30), await etcd_store.grant(90)
+    tasks = [asyncio.ensure_future(etcd_store.keepalive(short)) for _ in range(50)]
+    await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    assert await etcd_store.keepalive(long) == 90
+    assert await etcd_store.keepalive(short) == 30

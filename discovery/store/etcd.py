@@ -13,7 +13,8 @@ compacted watch start raises Compacted.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +34,10 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
+from .leasestream import LeaseStream, StreamUnauthenticated
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # gRPC codes that mean "etcd is unreachable or did not answer": the call may be retried,
 # on another endpoint. etcd itself answers UNAVAILABLE for "no leader" and "request timed out".
@@ -203,7 +206,13 @@ class EtcdStore:
         self._dial_timeout = dial_timeout
         self._request_timeout = request_timeout
         self._credentials: grpc.ChannelCredentials | None = None
+        self._ssl: ssl.SSLContext | None = None
         if ca is not None or cert is not None:
+            # the same trust for the lease stream, which has its own connection (HTTP/2)
+            self._ssl = ssl.create_default_context(cafile=ca)
+            if cert is not None and key is not None:
+                self._ssl.load_cert_chain(cert, key)
+            self._ssl.set_alpn_protocols(["h2"])
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(ca).read_bytes() if ca else None,
                 private_key=Path(key).read_bytes() if key else None,
@@ -213,7 +222,8 @@ class EtcdStore:
         self._next = 0  # index of the endpoint to dial first
         self._connect_lock = asyncio.Lock()
         self._closed = False
-        self._keepalives: _KeepAliveStream | None = None
+        self._keepalives: LeaseStream | None = None
+        self._closing: asyncio.Future[None] | None = None  # a connection being closed
 
     # connection
 
@@ -348,7 +358,7 @@ class EtcdStore:
         return int(response.ID)
 
     async def keepalive(self, lease: int) -> int:
-        """Renew the lease over the connection's shared LeaseKeepAlive stream.
+        """Renew the lease over the shared LeaseKeepAlive stream (leasestream.py).
 
         Every caller writes its request on one long-lived bidirectional stream and waits for
         the answer with its lease ID (answers for one ID come back in request order), instead
@@ -360,8 +370,8 @@ class EtcdStore:
         while True:
             client = await self._connection()
             try:
-                ttl = await self._keepalive_stream(client).send(lease)
-            except _KeepAliveRelogin:
+                ttl = await self._lease_stream(client).send(lease)
+            except StreamUnauthenticated:
                 if self._user is None or relogged:
                     raise StoreError(f"etcd {client.endpoint}: keepalive unauthenticated") from None
                 relogged = True
@@ -374,13 +384,29 @@ class EtcdStore:
                 raise LeaseNotFound(f"lease {lease:x} not found")
             return ttl
 
-    def _keepalive_stream(self, client: _Client) -> _KeepAliveStream:
+    def _lease_stream(self, client: _Client) -> LeaseStream:
         stream = self._keepalives
         if stream is None or stream.client is not client or stream.broken:
             if stream is not None:
                 stream.close(StoreUnavailable("keepalive stream replaced"))
-            stream = self._keepalives = _KeepAliveStream(self, client, self._request_timeout)
+            stream = self._keepalives = LeaseStream(
+                client,
+                client._host,
+                client._port,
+                ssl_context=self._ssl,
+                token=client.metadata[0][1] if client.metadata else None,
+                timeout=self._request_timeout,
+                on_timeout=lambda: self._forget(client),
+            )
         return stream
+
+    def _forget(self, client: _Client) -> None:
+        """_drop, its bookkeeping done at once (no call may start on the connection any
+        more), for callers that cannot await."""
+        if self._client is client:
+            self._client = None
+            self._next = (self._next + 1) % len(self._endpoints)
+        self._closing = asyncio.ensure_future(client.close())
 
     async def time_to_live(self, lease: int) -> int:
         async def op(c: _Client) -> Any:
@@ -636,147 +662,6 @@ class EtcdStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("store is closed")
-
-
-class _KeepAliveRelogin(Exception):
-    """The keepalive stream was refused for an expired auth token: log in and retry."""
-
-
-class _KeepAliveStream:
-    """One LeaseKeepAlive stream on one connection, shared by every keepalive call.
-
-    send() queues a request and returns a future for its TTL; a writer task puts the requests
-    on the stream one at a time (gRPC allows one write in flight) and a reader task resolves
-    the oldest pending future of each answer's lease ID (etcd answers the requests of a
-    stream in order). When the stream fails, every pending future fails with the store error
-    and `broken` tells the store to open a new stream. A request unanswered after `timeout`
-    (+ 0.5) seconds fails the stream with StoreUnavailable and drops the connection (a late answer
-    would otherwise be taken for a later request's). etcd holds back the answer for a lease
-    that has expired but is not revoked yet until it is revoked (under a second), and the
-    answers behind it on this stream wait as long.
-    """
-
-    def __init__(self, store: EtcdStore, client: _Client, timeout: float) -> None:
-        self.client = client
-        self.broken = False
-        self._store = store
-        self._timeout = timeout
-        self._bound = timeout + 0.5  # as for every other call (EtcdStore._call)
-        self._loop = asyncio.get_running_loop()
-        self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
-        # every request in the order sent, with its deadline; answered ones leave from the left
-        self._deadlines: deque[tuple[float, asyncio.Future[int]]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._dropping: asyncio.Future[None] | None = None
-        self._outbox: asyncio.Queue[int] = asyncio.Queue()
-        self._call = client.leasestub.LeaseKeepAlive(metadata=client.metadata)
-        self._writer = asyncio.create_task(self._write_loop(), name="etcd keepalive writer")
-        self._reader = asyncio.create_task(self._read_loop(), name="etcd keepalive reader")
-
-    def send(self, lease: int) -> asyncio.Future[int]:
-        """A future for the lease's TTL (0 or less: not found), or the error of the stream."""
-        if self.broken:
-            raise StoreUnavailable(f"etcd {self.client.endpoint}: keepalive stream closed")
-        future: asyncio.Future[int] = self._loop.create_future()
-        waiting = self._waiting.get(lease)
-        if waiting is None:
-            waiting = self._waiting[lease] = deque()
-        waiting.append(future)  # cancelled futures stay: they still take their answer
-        self._deadlines.append((self._loop.time() + self._bound, future))
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._deadlines[0][0], self._check_deadlines)
-        self._outbox.put_nowait(lease)
-        return future
-
-    def close(self, error: Exception) -> None:
-        """Fail every pending call with error and end the stream."""
-        self.broken = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._deadlines.clear()
-        waiting, self._waiting = self._waiting, {}
-        for futures in waiting.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-        self._call.cancel()
-        current = asyncio.current_task()
-        for task in (self._writer, self._reader):
-            if task is not current:
-                task.cancel()
-
-    def _check_deadlines(self) -> None:
-        self._timer = None
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1].done():
-            deadlines.popleft()
-        if not deadlines:
-            return
-        deadline = deadlines[0][0]
-        if deadline > self._loop.time():
-            self._timer = self._loop.call_at(deadline, self._check_deadlines)
-            return
-        endpoint = self.client.endpoint
-        self.close(StoreUnavailable(f"etcd {endpoint}: no answer within {self._timeout} s"))
-        self._drop_client()
-
-    def _drop_client(self) -> None:
-        """EtcdStore._drop, its bookkeeping done at once: no call may start on the
-        connection any more (a call on it would fail when the channel closes)."""
-        store = self._store
-        if store._client is self.client:
-            store._client = None
-            store._next = (store._next + 1) % len(store._endpoints)
-        self._dropping = asyncio.ensure_future(self.client.close())
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                lease = await self._outbox.get()
-                await self._call.write(rpc.LeaseKeepAliveRequest(ID=lease))
-        except asyncio.CancelledError:
-            if not self.broken:  # gRPC cancelled the write: the reader reports why
-                self._call.cancel()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            self._call.cancel()  # the call has ended: the reader reports why
-
-    async def _read_loop(self) -> None:
-        endpoint = self.client.endpoint
-        error: Exception
-        try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    error = StoreUnavailable(f"etcd {endpoint}: keepalive stream ended")
-                    break
-                waiting = self._waiting.get(response.ID)
-                if not waiting:
-                    continue  # an answer nobody waits for any more
-                future = waiting.popleft()
-                if not waiting:
-                    del self._waiting[response.ID]
-                if not future.done():
-                    future.set_result(int(response.TTL))
-                deadlines = self._deadlines
-                while deadlines and deadlines[0][1].done():
-                    deadlines.popleft()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                self.close(StoreUnavailable(f"etcd {endpoint}: keepalive stream closed"))
-                raise
-            error = StoreUnavailable(f"etcd {endpoint}: connection closed")
-        except grpc.aio.AioRpcError as e:  # as EtcdStore._failure, without an await
-            code, details = e.code(), e.details() or ""
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                error = _KeepAliveRelogin(details)
-            elif code in _UNAVAILABLE:
-                self._drop_client()
-                error = StoreUnavailable(f"etcd {endpoint}: {code.name}: {details}")
-            else:
-                error = StoreError(f"etcd {endpoint}: {code.name}: {details}")
-        self.close(error)
 
 
 class _PageCompacted(Exception):
