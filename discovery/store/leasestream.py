@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 import hpack
 from aetcd import rpc
+from google.protobuf.message import DecodeError
 
 from .base import StoreError, StoreUnavailable
 
@@ -107,6 +108,7 @@ class LeaseStream(asyncio.Protocol):
         self._input = bytearray()
         self._messages = bytearray()  # the stream's DATA payload not yet parsed into messages
         self._block = bytearray()  # a header block waiting for its CONTINUATION frames
+        self._continuing = False  # until END_HEADERS: the block's fragments may be empty
         self._block_ends_stream = False
         self._decoder = hpack.Decoder()
         headers = [
@@ -263,7 +265,7 @@ class LeaseStream(asyncio.Protocol):
             self._transport.write(_window_update(0, increment) + _window_update(_STREAM, increment))
 
     def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
-        if self._block and kind != _CONTINUATION:
+        if self._continuing and kind != _CONTINUATION:
             raise _ProtocolError("header block interrupted")
         if kind == _DATA:
             self._unacknowledged += len(payload)
@@ -279,10 +281,11 @@ class LeaseStream(asyncio.Protocol):
                 payload = payload[5:]
             self._block += payload
             self._block_ends_stream = bool(flags & _END_STREAM)
+            self._continuing = True
             if flags & _END_HEADERS:
                 self._headers_done()
         elif kind == _CONTINUATION:
-            if not self._block or stream != _STREAM:
+            if not self._continuing or stream != _STREAM:
                 raise _ProtocolError("unexpected CONTINUATION")
             self._block += payload
             if flags & _END_HEADERS:
@@ -326,6 +329,7 @@ class LeaseStream(asyncio.Protocol):
 
     def _headers_done(self) -> None:
         block, self._block = bytes(self._block), bytearray()
+        self._continuing = False
         try:
             headers = dict(self._decoder.decode(block, raw=True))
         except hpack.HPACKError as error:
@@ -337,7 +341,7 @@ class LeaseStream(asyncio.Protocol):
             return
         # trailers (or a trailers-only answer): the stream is over, and why
         code_text = headers.get(b"grpc-status", b"2")
-        code = int(code_text) if code_text.isdigit() else 2
+        code = int(code_text) if code_text.isdigit() and len(code_text) < 10 else 2
         message = unquote(headers.get(b"grpc-message", b"").decode(errors="replace"))
         message = message or f"grpc-status {code}"
         failure: Exception
@@ -364,7 +368,12 @@ class LeaseStream(asyncio.Protocol):
                 return
             if len(data) - at - 5 < size:
                 break
-            response = rpc.LeaseKeepAliveResponse.FromString(bytes(data[at + 5 : at + 5 + size]))
+            message = bytes(data[at + 5 : at + 5 + size])
+            try:
+                response = rpc.LeaseKeepAliveResponse.FromString(message)
+            except DecodeError:
+                self.close(StoreUnavailable(f"etcd {self.endpoint}: undecodable message"))
+                return
             at += 5 + size
             waiting = waiting_of.get(response.ID)
             if not waiting:
