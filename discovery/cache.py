@@ -28,6 +28,7 @@ from .dns.records import (
     A,
     Answer,
     Negative,
+    Packed,
     Soa,
     SrvTarget,
     address_bytes,
@@ -75,7 +76,9 @@ class CacheState:
     zones: list[Zone] = field(default_factory=list)
     names: dict[bytes, Zone] = field(default_factory=dict)  # every name that exists
     # the question as it is on the wire (name lower-cased, type, class IN) -> its answer
-    answers: dict[bytes, Answer] = field(default_factory=dict)
+    answers: dict[bytes, Packed] = field(default_factory=dict)
+    # the same key -> Answer.cuts, for the answers with additional records
+    cuts: dict[bytes, tuple[int, ...]] = field(default_factory=dict)
     services: dict[ServiceKey, dict[str, Instance]] = field(default_factory=dict)
     by_address: dict[str, dict[InstanceKey, Instance]] = field(default_factory=dict)
     keys: dict[bytes, InstanceKey] = field(default_factory=dict)
@@ -185,7 +188,9 @@ class CacheState:
     def _drop(self, wire: bytes) -> None:
         if self.names.pop(wire, None) is not None:
             for qtype in TYPE_KEYS.values():
-                self.answers.pop(wire + qtype + IN_WIRE, None)
+                key = wire + qtype + IN_WIRE
+                if self.answers.pop(key, None) is not None:
+                    self.cuts.pop(key, None)
 
     def _ent(self, name: str, zone: Zone) -> bytes:
         wire = name_to_wire(name)
@@ -246,7 +251,10 @@ class CacheState:
         self._drop(wire)
         self.names[wire] = zone
         for qtype, answer in types.items():
-            self.answers[wire + qtype + IN_WIRE] = answer
+            key = wire + qtype + IN_WIRE
+            self.answers[key] = answer.packed()
+            if answer.cuts:
+                self.cuts[key] = answer.cuts
         return wire
 
     def _build_instance(self, instance: Instance) -> None:

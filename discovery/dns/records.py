@@ -20,10 +20,36 @@ IN = 1
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
 EDNS_PAYLOAD = 1232
-MAX_ROTATIONS = 16
 
 # The OPT record of every EDNS answer: root owner, type 41, our payload size, version 0.
 OPT_RECORD = b"\x00" + struct.pack(">HHIH", OPT, EDNS_PAYLOAD, 0, 0)
+
+# An answer as the cache keeps it for the responder: the header's QDCOUNT..ARCOUNT without
+# an OPT record (8 bytes), the same with one (8 bytes), then the records (the body). One
+# bytes object per answer: a query touches as few cache lines as it can, which is what its
+# cost grows with once the registry outgrows the CPU caches.
+PACKED_HEAD = 16
+
+
+Rotating = tuple[bytes, int, int, int]
+"""An answer whose records all have one length (addresses owned by the question), served
+starting at any of them so that clients spread over the addresses: (packed, count, record
+size, body size). After the head, `packed` holds the records, then the records again but the
+last: the answer starting at record k is one slice, k records in."""
+
+Packed = bytes | Rotating
+
+
+def unpack(packed: Packed) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+    """(counts, counts with OPT, bodies: every rotation) of a packed answer."""
+    if isinstance(packed, tuple):
+        data, count, size, span = packed
+        at = PACKED_HEAD
+        bodies = tuple(data[at + k * size : at + k * size + span] for k in range(count))
+    else:
+        data = packed
+        bodies = (packed[PACKED_HEAD:],)
+    return data[:8], data[8:PACKED_HEAD], bodies
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,40 +184,40 @@ def _fixed(rtype: int, ttl: int) -> bytes:
 class Answer:
     """The positive answer for one (name, type), as the bytes that follow the question.
 
-    `bodies` holds one encoding per rotation of the answer records; the responder picks
-    one per query so that multi-address answers rotate without re-encoding. `counts`
-    are the header's QDCOUNT..ARCOUNT without and with an OPT record. `cuts` are the
-    lengths of the body with 0, 1, … additional RRsets (empty when it has none): an answer
-    too big for the client keeps as many whole additional RRsets as fit.
+    `counts` are the header's QDCOUNT..ARCOUNT without and with an OPT record. `rotate`:
+    the records all have one length and may be served starting at any of them. `cuts` are
+    the lengths of the body with 0, 1, … additional RRsets (empty when it has none): an
+    answer too big for the client keeps as many whole additional RRsets as fit.
     """
 
     counts: bytes
     counts_edns: bytes
-    bodies: tuple[bytes, ...]
+    body: bytes
     an: int
     cuts: tuple[int, ...] = ()
+    rotate: bool = False
 
     @classmethod
     def of(
         cls, body: bytes, an: int, ar: int = 0, rotate: bool = False, cuts: tuple[int, ...] = ()
     ) -> Answer:
-        bodies = [body]
-        if rotate and an > 1:
-            # Every record has the same length (a pointer owner and a fixed-size address),
-            # so a rotation is a cut of the bytes at a record boundary.
-            size = len(body) // an
-            steps = min(an, MAX_ROTATIONS)
-            for step in range(1, steps):
-                cut = (step * an // steps) * size
-                bodies.append(body[cut:] + body[:cut])
-        return cls(counts(an, 0, ar), counts(an, 0, ar + 1), tuple(bodies), an, cuts)
+        return cls(counts(an, 0, ar), counts(an, 0, ar + 1), body, an, cuts, rotate and an > 1)
+
+    def packed(self) -> Packed:
+        head = self.counts + self.counts_edns
+        if not self.rotate:
+            return head + self.body
+        size = len(self.body) // self.an
+        return (head + self.body + self.body[:-size], self.an, size, len(self.body))
 
     @classmethod
     def build(cls, qname: str, answer: tuple[RR, ...], additional: tuple[RR, ...] = ()) -> Answer:
         """Any records, through the general encoder (zone apex and other static names)."""
         body = encode_sections(qname, answer, (), additional)
         rotate = not additional and all(rr.rtype in (A, AAAA) for rr in answer)
-        # Encoding is prefix-stable, so the lengths with fewer glue records are cut points.
+        # Every record has the same length (a pointer owner and a fixed-size address), so a
+        # rotation is a cut of the bytes at a record boundary. Encoding is prefix-stable,
+        # so the lengths with fewer glue records are cut points.
         cuts = tuple(
             len(encode_sections(qname, answer, (), additional[:k]))
             for k in range(len(additional) + 1)
@@ -268,7 +294,10 @@ class Negative:
     body: bytes
     counts: bytes
     counts_edns: bytes
+    packed: bytes
 
     @classmethod
     def build(cls, soa: RR) -> Negative:
-        return cls(encode_sections(None, (), (soa,), ()), counts(0, 1, 0), counts(0, 1, 1))
+        body = encode_sections(None, (), (soa,), ())
+        plain, edns = counts(0, 1, 0), counts(0, 1, 1)
+        return cls(body, plain, edns, plain + edns + body)

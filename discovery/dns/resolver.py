@@ -30,6 +30,7 @@ from .records import (
     NXDOMAIN,
     OPT,
     OPT_RECORD,
+    PACKED_HEAD,
     PTR,
     REFUSED,
     SERVFAIL,
@@ -37,6 +38,7 @@ from .records import (
     SRV,
     TXT,
     A,
+    unpack,
 )
 from .records import counts as record_counts
 
@@ -77,7 +79,6 @@ class Resolver:
         self.cache = cache
         self.recursion = recursion
         self.stats = Stats()
-        self._turn = 0
         self._ok = _flag_table(NOERROR, True, recursion)
         self._nx = _flag_table(NXDOMAIN, True, recursion)
         self._tc = _flag_table(NOERROR, True, recursion, tc=True)
@@ -127,22 +128,24 @@ class Resolver:
         if not cache.synced:
             return None
         state = cache.state
+        question = q[12:qend]
         # One lookup by the question as sent, lower-cased. Lower-casing leaves the class
         # (IN) and every type we store unchanged, so it cannot make a false hit.
-        found = state.answers.get(q[12:qend].lower())
+        key = question.lower()
+        found = state.answers.get(key)
         if found is not None:
             flags = self._ok
-            bodies = found.bodies
-            if len(bodies) == 1:
-                body = bodies[0]
+            if isinstance(found, tuple):  # Rotating: from record (query ID mod count) on
+                head, count, size, span = found
+                cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * size
+                body = head[cut : cut + span]
             else:
-                self._turn += 1
-                body = bodies[self._turn % len(bodies)]
-            counts = found.counts_edns if edns else found.counts
+                body = found[PACKED_HEAD:]
+                head = found
         else:
             if q[end + 3 : qend] != b"\x00\x01":
                 return None  # not class IN
-            name = q[12 : end + 1].lower()
+            name = key[:-4]
             zone = state.names.get(name)
             if zone is not None:
                 if q[end + 1] != 0 or not 0 < q[end + 2] < 128:
@@ -154,18 +157,19 @@ class Resolver:
                     return None
                 flags = self._nx
             negative = zone.negative
+            head = negative.packed
             body = negative.body
-            counts = negative.counts_edns if edns else negative.counts
+        counts = head[8:PACKED_HEAD] if edns else head[:8]
         room = (TCP_MAX if tcp else limit) - qend - (11 if edns else 0)
         if len(body) > room:
             if tcp or found is None:
                 return None  # over 64 KiB: the full path decides what to keep
-            cuts = found.cuts
+            cuts = state.cuts.get(key)
             if cuts and cuts[0] <= room:
                 # Keep the answer and as many whole additional RRsets as fit: no TC.
                 kept = bisect.bisect_right(cuts, room) - 1
                 body = body[: cuts[kept]]
-                counts = record_counts(found.an, 0, kept + edns)
+                counts = record_counts(head[2] << 8 | head[3], 0, kept + edns)
             else:
                 # Not even the answer section fits: TC=1 and no records (RFC 2181 9).
                 self.stats.truncated += 1
@@ -174,8 +178,8 @@ class Resolver:
                 counts = _EMPTY_EDNS if edns else _EMPTY
         flag = flags[(q[2] & 1) | (q[3] & 0x10) >> 3]
         if edns:
-            return b"".join((q[:2], flag, counts, q[12:qend], body, OPT_RECORD))
-        return b"".join((q[:2], flag, counts, q[12:qend], body))
+            return b"".join((q[:2], flag, counts, question, body, OPT_RECORD))
+        return b"".join((q[:2], flag, counts, question, body))
 
     def _zone_of_wire(self, q: bytes, end: int, name: bytes) -> Zone | None:
         """The zone of a well-formed question name ending at `end`, lower-cased as `name`
@@ -272,13 +276,11 @@ class Resolver:
         if found is None:
             reply.add_auth(_negative_soa(zone))
             return self._finish(reply, query, NOERROR, limit)
-        choice = 0
-        if len(found.bodies) > 1:
-            self._turn += 1
-            choice = self._turn % len(found.bodies)
-        # The records are read back from the pre-encoded bytes: one source of truth.
-        message = b"\x00\x00\x84\x00" + found.counts + wire + b"\x00\x01\x00\x01"
-        records = DNSRecord.parse(message + found.bodies[choice])
+        counts, _, bodies = unpack(found)
+        # The records are read back from the pre-encoded bytes: one source of truth. The
+        # rotation is the fast path's: the one starting at record (query ID mod count).
+        message = b"\x00\x00\x84\x00" + counts + wire + b"\x00\x01\x00\x01"
+        records = DNSRecord.parse(message + bodies[header.id % len(bodies)])
         for rr in records.rr:
             rr.rname = question.qname  # owners point at the question: echo it as sent
             reply.add_answer(rr)
