@@ -133,12 +133,16 @@ class Resolver:
         # (IN) and every type we store unchanged, so it cannot make a false hit.
         key = question.lower()
         found = state.answers.get(key)
+        room = (TCP_MAX if tcp else limit) - qend - (11 if edns else 0)
         if found is not None:
             flags = self._ok
             if isinstance(found, tuple):  # Rotating: from record (query ID mod count) on
                 head, count, size, span = found
-                cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * size
-                body = head[cut : cut + span]
+                if span <= room:
+                    cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * size
+                    body = head[cut : cut + span]
+                else:
+                    body = head  # too long as well: truncated below, never sent
             else:
                 body = found[PACKED_HEAD:]
                 head = found
@@ -160,7 +164,6 @@ class Resolver:
             head = negative.packed
             body = negative.body
         counts = head[8:PACKED_HEAD] if edns else head[:8]
-        room = (TCP_MAX if tcp else limit) - qend - (11 if edns else 0)
         if len(body) > room:
             if tcp or found is None:
                 return None  # over 64 KiB: the full path decides what to keep
