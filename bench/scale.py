@@ -593,7 +593,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-repeats", type=int, default=3, help="fresh processes per registry")
     p.add_argument("--bursts", type=int, default=3)
     p.add_argument("--burst", type=int, default=10_000, help="puts per burst")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=int, default=10, help="seconds per dnsperf run")
     p.add_argument("--lines", type=int, default=10_000, help="lines of the query file")
     p.add_argument(

@@ -33,6 +33,7 @@ from .dns.records import (
     SrvTarget,
     address_bytes,
     name_to_wire,
+    with_serial,
 )
 from .model import Instance, InstanceKey, decode_registration
 from .store.base import Event, EventType, KeyValue, Snapshot
@@ -125,7 +126,7 @@ class CacheState:
     def _build_static(self) -> None:
         ttl = self.settings.dns_ttl
         for zone in self.zones:
-            self._set(zone.name, zone, self._apex_types(zone))
+            self._set(zone.name, zone, self._apex_types(zone), self._apex_glue(zone))
             if zone.name in REVERSE_ZONES:
                 continue
             glue = self._ns_records(zone.name)
@@ -167,11 +168,23 @@ class CacheState:
         return {NS: self._ns_records(self.settings.zones[0])}
 
     def finish(self, revision: int) -> None:
-        """Stamp the revision: SOA serials and negative answers carry it."""
+        """Stamp the revision: SOA serials and negative answers carry it. Both end with the
+        zone's SOA record, so the new serial is written over the old one in place."""
         self.revision = revision
+        serial = revision % 2**32
+        soa_key = TYPE_KEYS[SOA] + IN_WIRE
         for zone in self.zones:
-            zone.negative = self._negative(zone.name)
-            self._set(zone.name, zone, self._apex_types(zone), self._apex_glue(zone))
+            negative = zone.negative
+            zone.negative = Negative(
+                with_serial(negative.body, serial),
+                negative.counts,
+                negative.counts_edns,
+                with_serial(negative.packed, serial),
+            )
+            key = zone.wire + soa_key
+            apex = self.answers[key]
+            assert isinstance(apex, bytes)
+            self.answers[key] = with_serial(apex, serial)
 
     # ownership: every name belongs to one owner, ancestors are reference-counted
 
@@ -299,13 +312,16 @@ class CacheState:
                 )
                 for rtype, group in by_type.items()
             }
-            if all_ports:
-                types[TYPE_KEYS[SRV]] = self._srv(base, all_ports, base)
+            all_targets = self._targets(all_ports, base)
+            if all_targets:
+                types[TYPE_KEYS[SRV]] = self._srv(base, all_targets)
             owned.append(self._node(base, zone, types))
             protocols = set()
             for (port_name, protocol), pairs in sorted(by_port.items()):
                 wire = _label(f"_{port_name}") + _label(f"_{protocol}") + base
-                owned.append(self._node(wire, zone, {TYPE_KEYS[SRV]: self._srv(wire, pairs, base)}))
+                # one named port (the usual case): the same targets as the service name's
+                targets = all_targets if pairs == all_ports else self._targets(pairs, base)
+                owned.append(self._node(wire, zone, {TYPE_KEYS[SRV]: self._srv(wire, targets)}))
                 protocols.add(protocol)
             for protocol in sorted(protocols):
                 owned.append(self._node(_label(f"_{protocol}") + base, zone, {}))
@@ -313,7 +329,7 @@ class CacheState:
                 owned.append(ent)
         self._owned[("service", service)] = owned
 
-    def _srv(self, qname: bytes, pairs: list[tuple[Instance, int]], base: bytes) -> Answer:
+    def _targets(self, pairs: list[tuple[Instance, int]], base: bytes) -> list[SrvTarget]:
         dns_ttl = self.settings.dns_ttl
         targets = [
             SrvTarget(
@@ -327,8 +343,11 @@ class CacheState:
             for instance, port in pairs
         ]
         # one port number under two protocols is one SRV record (RFC 2181 5: no duplicates)
-        unique = list(dict.fromkeys(targets))
-        return Answer.services(qname, min(t.ttl for t in unique), unique)
+        return list(dict.fromkeys(targets))
+
+    @staticmethod
+    def _srv(qname: bytes, targets: list[SrvTarget]) -> Answer:
+        return Answer.services(qname, min(t.ttl for t in targets), targets)
 
     def rebuild_address(self, address: str) -> None:
         self._release(("address", address))

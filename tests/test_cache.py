@@ -94,3 +94,30 @@ def test_reverse_answers_name_at_most_a_few_instances_of_a_shared_address() -> N
     after = ptr_targets()
     assert len(after) == MAX_PTR_TARGETS
     assert "i0.web.default.svc.cluster.local." not in after
+
+
+def test_soa_serials_carry_the_revision_in_every_zone_and_answer() -> None:
+    """finish() writes the serial over the previous one in place: the apex SOA and the SOA
+    of negative answers (forward and reverse zones) carry revision mod 2**32, with the rest
+    of the record unchanged."""
+    cache = Cache(SETTINGS, PREFIX)
+    cache.load(Snapshot(2**32 + 5, []))
+    resolver = Resolver(cache)
+    value = encode_registration(Registration(address="10.1.2.3"))
+    for revision in (2**32 + 9, 2**32 + 10):
+        cache.apply([Event(EventType.PUT, key("default", "web", "a"), value, revision, 1)])
+        for name, qtype, section in (
+            ("cluster.local", "SOA", "answer"),
+            ("corp.example", "SOA", "answer"),
+            ("nosuch.cluster.local", "A", "authority"),
+            ("web.default.svc.cluster.local", "TXT", "authority"),
+            ("9.9.9.10.in-addr.arpa", "PTR", "authority"),
+            ("1." + "0." * 31 + "ip6.arpa", "PTR", "authority"),
+        ):
+            wire = resolver.answer(dns.message.make_query(name, qtype).to_wire())
+            assert wire is not None
+            (rrset,) = getattr(dns.message.from_wire(wire), section)
+            soa = rrset[0]
+            assert soa.serial == revision - 2**32, (name, qtype)
+            assert (soa.mname.to_text(), soa.minimum) == ("ns.dns.cluster.local.", 5)
+            assert (soa.refresh, soa.retry, soa.expire) == (7200, 1800, 86400)

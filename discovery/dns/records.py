@@ -14,6 +14,7 @@ import functools
 import socket
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 A, NS, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 6, 12, 16, 28, 33, 41, 255
 IN = 1
@@ -171,10 +172,12 @@ def address_bytes(address: str) -> tuple[int, bytes]:
 _POINTER_TO_QUESTION = b"\xc0\x0c"
 
 
-_SRV_FIELDS = struct.Struct(">HHH")
+_SRV_FIELDS = struct.Struct(">HHHH")  # RDLENGTH, then SRV's priority, weight and port
+_ADDRESS_FIELDS = struct.Struct(">HHIH")  # type, class, TTL, RDLENGTH of an A/AAAA record
 
 
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=4096)
 def _fixed(rtype: int, ttl: int) -> bytes:
     """Type, class IN and TTL of a record: a handful of distinct values."""
     return struct.pack(">HHI", rtype, IN, ttl)
@@ -230,7 +233,8 @@ class Answer:
         parts = []
         for address in addresses:
             rtype, packed = address_bytes(address)
-            parts.append(_POINTER_TO_QUESTION + _fixed(rtype, ttl) + _rdlength(packed) + packed)
+            fields = _ADDRESS_FIELDS.pack(rtype, IN, ttl, len(packed))
+            parts.append(_POINTER_TO_QUESTION + fields + packed)
         return cls.of(b"".join(parts), len(parts), rotate=True)
 
     @classmethod
@@ -244,18 +248,21 @@ class Answer:
         offset = 12 + len(qname_wire) + 4  # where the next record starts in the message
         records = []
         first_copy: dict[bytes, tuple[int, SrvTarget]] = {}
+        pack = _SRV_FIELDS.pack
         for target in targets:
-            rdata = _SRV_FIELDS.pack(target.priority, target.weight, target.port) + target.wire
-            record = head + len(rdata).to_bytes(2, "big") + rdata
-            if target.wire not in first_copy:
-                first_copy[target.wire] = (offset + len(record) - len(target.wire), target)
+            wire = target.wire
+            size = len(wire)
+            record = head + pack(6 + size, target.priority, target.weight, target.port) + wire
+            if wire not in first_copy:
+                first_copy[wire] = (offset + len(record) - size, target)
             records.append(record)
             offset += len(record)
         cuts = [sum(map(len, records))]
         for pointer, target in first_copy.values():
             rtype, packed = address_bytes(target.address)
             owner = (0xC000 | pointer).to_bytes(2, "big") if pointer <= 0x3FFF else target.wire
-            records.append(owner + _fixed(rtype, target.ttl) + _rdlength(packed) + packed)
+            fields = _ADDRESS_FIELDS.pack(rtype, IN, target.ttl, len(packed))
+            records.append(owner + fields + packed)
             cuts.append(cuts[-1] + len(records[-1]))
         glued = len(first_copy)
         body = b"".join(records)
@@ -275,9 +282,15 @@ def _rdlength(rdata: bytes) -> bytes:
     return len(rdata).to_bytes(2, "big")
 
 
-@dataclass(frozen=True, slots=True)
-class SrvTarget:
-    """One SRV record's data and its target's address (for the glue)."""
+def with_serial(data: bytes, serial: int) -> bytes:
+    """data, which ends with one SOA record, with that record's serial set to serial (the
+    serial is followed by four 32-bit fields: refresh, retry, expire, minimum)."""
+    return data[:-20] + serial.to_bytes(4, "big") + data[-16:]
+
+
+class SrvTarget(NamedTuple):
+    """One SRV record's data and its target's address (for the glue). A tuple: a service's
+    rebuild makes one per instance and port, and compares them to drop duplicates."""
 
     priority: int
     weight: int
