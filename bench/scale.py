@@ -2,7 +2,7 @@
 
 One command, run from anywhere with the Python that has `discovery` installed:
 
-    python bench/scale.py            # full: 3 load repeats, 3 bursts, 3 dnsperf rounds x 10 s
+    python bench/scale.py            # full: 3 load repeats, 3 bursts, 5 dnsperf rounds x 10 s
     python bench/scale.py --quick    # smoke run: small registries, 1 repeat, 2 s dnsperf runs
 
 For three registries, 1,000 services x 1 instance (the baseline), 1,000 x 100 and 10,000 x 10,
