@@ -195,7 +195,7 @@ class Peer:
     def __init__(self) -> None:
         self.port = 0
         self.loop_errors: list[dict[str, Any]] = []
-        self.timeouts = 0
+        self.failures = 0
         self.streams: list[LeaseStream] = []
         self.connections: list[Connection] = []
         self._accepted: asyncio.Queue[Connection] = asyncio.Queue()
@@ -213,13 +213,13 @@ class Peer:
             ssl_context=None,
             token=token,
             timeout=timeout,
-            on_timeout=self._timed_out,
+            on_failure=self._failed,
         )
         self.streams.append(stream)
         return stream
 
-    def _timed_out(self) -> None:
-        self.timeouts += 1
+    def _failed(self) -> None:
+        self.failures += 1
 
     async def accept(self) -> Connection:
         return await asyncio.wait_for(self._accepted.get(), BOUND)
@@ -456,10 +456,17 @@ async def test_a_cancelled_future_still_takes_its_answer(peer: Peer) -> None:
     assert not stream.broken
 
 
-async def test_answers_before_trailers_still_count(peer: Peer) -> None:
+@pytest.mark.parametrize("ending", ["trailers", "GOAWAY", "RST_STREAM"])
+async def test_answers_before_the_end_still_count(peer: Peer, ending: str) -> None:
+    """Answers read together with the frame that ends the stream are delivered first."""
     stream, connection = await peer.open()
     answered, unanswered = stream.send(1), stream.send(2)
-    connection.send(data(answer(1, 10)), connection.trailers([("grpc-status", "14")]))
+    end = {
+        "trailers": connection.trailers([("grpc-status", "14")]),
+        "GOAWAY": frame(GOAWAY, 0, 0, (1).to_bytes(4, "big") + bytes(4)),
+        "RST_STREAM": frame(RST_STREAM, 0, 1, (2).to_bytes(4, "big")),
+    }[ending]
+    connection.send(data(answer(1, 10)) + end)
     assert await settled(answered) == 10
     with pytest.raises(StoreUnavailable):
         await settled(unanswered)
@@ -675,6 +682,9 @@ async def test_endings_fail_pending_calls_and_break_the_stream(
         assert type(raised.value) is failure, raised.value
         assert text in str(raised.value)
     assert stream.broken
+    # the store is told to drop the member for every ending but a clean one and a refusal
+    dropped = failure is StoreUnavailable and text != "stream ended"
+    assert peer.failures == (1 if dropped else 0)
     with pytest.raises(StoreUnavailable, match="closed"):
         stream.send(3)
     await connection.closed_by_client()
@@ -731,7 +741,7 @@ async def test_a_silent_peer_times_out(peer: Peer) -> None:
         await settled(future)
     waited = loop.time() - sent_at
     assert 0.69 <= waited < 0.7 + 2.0, waited  # timeout + 0.5 s, with room for a slow machine
-    assert peer.timeouts == 1
+    assert peer.failures == 1
     assert stream.broken
     await connection.closed_by_client()
 

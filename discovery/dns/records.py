@@ -41,6 +41,16 @@ last: the answer starting at record k is one slice, k records in."""
 Packed = bytes | Rotating
 
 
+def turned(packed: Packed, start: int) -> tuple[bytes, bytes]:
+    """(counts, body) of a packed answer, a rotating one starting at record start % count:
+    what the fast path sends for a query whose ID is start."""
+    if isinstance(packed, tuple):
+        data, count, size, span = packed
+        at = PACKED_HEAD + start % count * size
+        return data[:8], data[at : at + span]
+    return packed[:8], packed[PACKED_HEAD:]
+
+
 def unpack(packed: Packed) -> tuple[bytes, bytes, tuple[bytes, ...]]:
     """(counts, counts with OPT, bodies: every rotation) of a packed answer."""
     if isinstance(packed, tuple):
@@ -177,7 +187,6 @@ _ADDRESS_FIELDS = struct.Struct(">HHIH")  # type, class, TTL, RDLENGTH of an A/A
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=4096)
 def _fixed(rtype: int, ttl: int) -> bytes:
     """Type, class IN and TTL of a record: a handful of distinct values."""
     return struct.pack(">HHI", rtype, IN, ttl)

@@ -38,7 +38,7 @@ from .records import (
     SRV,
     TXT,
     A,
-    unpack,
+    turned,
 )
 from .records import counts as record_counts
 
@@ -279,11 +279,11 @@ class Resolver:
         if found is None:
             reply.add_auth(_negative_soa(zone))
             return self._finish(reply, query, NOERROR, limit)
-        counts, _, bodies = unpack(found)
         # The records are read back from the pre-encoded bytes: one source of truth. The
         # rotation is the fast path's: the one starting at record (query ID mod count).
+        counts, body = turned(found, header.id)
         message = b"\x00\x00\x84\x00" + counts + wire + b"\x00\x01\x00\x01"
-        records = DNSRecord.parse(message + bodies[header.id % len(bodies)])
+        records = DNSRecord.parse(message + body)
         for rr in records.rr:
             rr.rname = question.qname  # owners point at the question: echo it as sent
             reply.add_answer(rr)

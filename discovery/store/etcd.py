@@ -223,7 +223,7 @@ class EtcdStore:
         self._connect_lock = asyncio.Lock()
         self._closed = False
         self._keepalives: LeaseStream | None = None
-        self._closing: asyncio.Future[None] | None = None  # a connection being closed
+        self._closing: set[asyncio.Future[None]] = set()  # connections being closed
 
     # connection
 
@@ -396,17 +396,20 @@ class EtcdStore:
                 ssl_context=self._ssl,
                 token=client.metadata[0][1] if client.metadata else None,
                 timeout=self._request_timeout,
-                on_timeout=lambda: self._forget(client),
+                on_failure=lambda: self._forget(client),
             )
         return stream
 
     def _forget(self, client: _Client) -> None:
         """_drop, its bookkeeping done at once (no call may start on the connection any
         more), for callers that cannot await."""
-        if self._client is client:
-            self._client = None
-            self._next = (self._next + 1) % len(self._endpoints)
-        self._closing = asyncio.ensure_future(client.close())
+        if self._client is not client:
+            return  # dropped already
+        self._client = None
+        self._next = (self._next + 1) % len(self._endpoints)
+        closing = asyncio.ensure_future(client.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def time_to_live(self, lease: int) -> int:
         async def op(c: _Client) -> Any:
@@ -658,6 +661,8 @@ class EtcdStore:
             client, self._client = self._client, None
         if client is not None:
             await client.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _check_open(self) -> None:
         if self._closed:

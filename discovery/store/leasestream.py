@@ -69,7 +69,9 @@ class LeaseStream(asyncio.Protocol):
     `send` returns a future for the lease's TTL (0 or less: etcd does not know the lease).
     A connection failure, a stream that ends, a protocol error or an answer later than
     `timeout` + 0.5 s fails every pending renewal and sets `broken`; the store then opens a
-    new stream. `on_timeout` runs when an answer is late (the store drops the member).
+    new stream. `on_failure` runs when the member looks unusable (no connection, a late
+    answer, the connection or the stream broken, a gRPC status such as UNAVAILABLE, e.g.
+    "no leader"): the store drops the member, so that the next call dials the next one.
     etcd answers a stream's requests in order and holds back the answer for a lease that has
     expired but is not revoked yet until it is revoked (under a second): the answers behind
     it wait as long.
@@ -84,14 +86,14 @@ class LeaseStream(asyncio.Protocol):
         ssl_context: ssl.SSLContext | None,
         token: str | None,
         timeout: float,
-        on_timeout: Callable[[], None],
+        on_failure: Callable[[], None],
     ) -> None:
         self.client = client
         self.broken = False
         self.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._timeout = timeout
         self._bound = timeout + 0.5  # as for every other call (EtcdStore._call)
-        self._on_timeout = on_timeout
+        self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
@@ -140,7 +142,7 @@ class LeaseStream(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, ssl.SSLError) as error:
-            self.close(StoreUnavailable(f"etcd {self.endpoint}: {error or 'no connection'}"))
+            self._fail(f"{error or 'no connection'}")
 
     # the caller's side
 
@@ -161,6 +163,12 @@ class LeaseStream(asyncio.Protocol):
             self._flush_soon = True
             self._loop.call_soon(self._flush)
         return future
+
+    def _fail(self, reason: str) -> None:
+        """Close with StoreUnavailable, and let the store drop this member."""
+        if not self.broken:
+            self.close(StoreUnavailable(f"etcd {self.endpoint}: {reason}"))
+            self._on_failure()
 
     def close(self, error: Exception) -> None:
         """Fail every pending renewal with error and close the connection."""
@@ -192,8 +200,7 @@ class LeaseStream(asyncio.Protocol):
         if deadline > self._loop.time():
             self._timer = self._loop.call_at(deadline, self._check_deadlines)
             return
-        self.close(StoreUnavailable(f"etcd {self.endpoint}: no answer within {self._timeout} s"))
-        self._on_timeout()
+        self._fail(f"no answer within {self._timeout} s")
 
     def _flush(self) -> None:
         """Put queued messages in DATA frames, as far as etcd's flow-control windows allow."""
@@ -221,6 +228,10 @@ class LeaseStream(asyncio.Protocol):
         if self.broken:
             self._transport.abort()
             return
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() != "h2":
+            self._fail("TLS without HTTP/2 (ALPN h2 not selected): not an etcd gRPC endpoint")
+            return
         settings = (
             (2).to_bytes(2, "big") + (0).to_bytes(4, "big")  # ENABLE_PUSH 0
             + _SETTINGS_INITIAL_WINDOW.to_bytes(2, "big") + _RECEIVE_WINDOW.to_bytes(4, "big")
@@ -235,7 +246,7 @@ class LeaseStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self.close(StoreUnavailable(f"etcd {self.endpoint}: {exc or 'connection closed'}"))
+        self._fail(f"{exc or 'connection closed'}")
 
     def data_received(self, data: bytes) -> None:
         buffer = self._input
@@ -256,7 +267,8 @@ class LeaseStream(asyncio.Protocol):
                 if self.broken:
                     return
         except _ProtocolError as error:
-            self.close(StoreUnavailable(f"etcd {self.endpoint}: keepalive stream: {error}"))
+            self._parse_messages()  # answers that came before the failure still count
+            self._fail(f"keepalive stream: {error}")
             return
         del buffer[:at]
         self._parse_messages()
@@ -344,15 +356,15 @@ class LeaseStream(asyncio.Protocol):
         code = int(code_text) if code_text.isdigit() and len(code_text) < 10 else 2
         message = unquote(headers.get(b"grpc-message", b"").decode(errors="replace"))
         message = message or f"grpc-status {code}"
-        failure: Exception
-        if code == _UNAUTHENTICATED:
-            failure = StreamUnauthenticated(f"etcd {self.endpoint}: {message}")
-        elif code == 0 or code in _RETRYABLE:
-            failure = StoreUnavailable(f"etcd {self.endpoint}: keepalive stream ended: {message}")
-        else:
-            failure = StoreError(f"etcd {self.endpoint}: {message}")
         self._parse_messages()
-        self.close(failure)
+        if code in _RETRYABLE:
+            self._fail(f"keepalive stream ended: {message}")
+        elif code == 0:  # ended without an error: open a new stream on the same member
+            self.close(StoreUnavailable(f"etcd {self.endpoint}: keepalive stream ended: {message}"))
+        elif code == _UNAUTHENTICATED:
+            self.close(StreamUnauthenticated(f"etcd {self.endpoint}: {message}"))
+        else:
+            self.close(StoreError(f"etcd {self.endpoint}: {message}"))
 
     def _parse_messages(self) -> None:
         data = self._messages
@@ -360,11 +372,11 @@ class LeaseStream(asyncio.Protocol):
         waiting_of = self._waiting
         while len(data) - at >= 5:
             if data[at]:
-                self.close(StoreUnavailable(f"etcd {self.endpoint}: compressed message"))
+                self._fail("compressed message")
                 return
             size = int.from_bytes(data[at + 1 : at + 5], "big")
             if size > _MAX_MESSAGE:
-                self.close(StoreUnavailable(f"etcd {self.endpoint}: message too large"))
+                self._fail("message too large")
                 return
             if len(data) - at - 5 < size:
                 break
@@ -372,7 +384,7 @@ class LeaseStream(asyncio.Protocol):
             try:
                 response = rpc.LeaseKeepAliveResponse.FromString(message)
             except DecodeError:
-                self.close(StoreUnavailable(f"etcd {self.endpoint}: undecodable message"))
+                self._fail("undecodable message")
                 return
             at += 5 + size
             waiting = waiting_of.get(response.ID)
