@@ -316,6 +316,8 @@ class LeaseStream(asyncio.Protocol):
             if not flags & _ACK and self._transport is not None:
                 self._transport.write(_frame(_PING, _ACK, 0, payload))
         elif kind == _GOAWAY:
+            # Even a graceful GOAWAY (etcd shutting down) ends this stream here: the renewals
+            # in flight fail with StoreUnavailable and the next one dials the next member.
             reason = payload[8:].decode(errors="replace")
             raise _ProtocolError(f"etcd closed the connection (GOAWAY) {reason}".strip())
         elif kind == _RST_STREAM:
