@@ -413,6 +413,8 @@ async def test_etcd_restarted_while_idle_first_call_works(etcd_server: EtcdServe
 async def test_etcd_hung_calls_and_watch_raise_unavailable(etcd_server: EtcdServer) -> None:
     async with open_etcd_store(etcd_server, request_timeout=1.0) as store:
         put = await store.put(P + b"a", b"1")
+        lease = await store.grant(60)
+        assert await store.keepalive(lease) == 60  # the lease stream is open
         async with watching(store, P, put.revision) as watch:
             await watch.take(1)
             reader = asyncio.ensure_future(watch.next_batch(within=10))
@@ -424,10 +426,12 @@ async def test_etcd_hung_calls_and_watch_raise_unavailable(etcd_server: EtcdServ
                     await reader  # no error from gRPC: found by the idle probe
                 assert elapsed_since(start) < 3.0  # request_timeout of silence + probe timeout
                 await assert_unavailable(lambda: store.put(P + b"b", b"2"), within=3.0)
+                await assert_unavailable(lambda: store.keepalive(lease), within=3.0)
             finally:
                 etcd_server.resume()
-        # etcd answers again: the same store recovers
+        # etcd answers again: the same store recovers, renewals on a new stream too
         assert (await store.get(P + b"a")) is not None
+        assert await store.keepalive(lease) == 60
 
 
 async def test_etcd_several_endpoints_skip_a_dead_one(etcd_server: EtcdServer) -> None:
@@ -439,6 +443,8 @@ async def test_etcd_several_endpoints_skip_a_dead_one(etcd_server: EtcdServer) -
         await store.put(P + b"a", b"1")
         assert elapsed_since(start) < 2.0
         assert (await store.get(P + b"a")) is not None
+        lease = await store.grant(30)
+        assert await store.keepalive(lease) == 30  # the lease stream goes where gRPC went
     finally:
         await store.close()
 
