@@ -141,8 +141,10 @@ class LeaseStream(asyncio.Protocol):
                 )
         except asyncio.CancelledError:
             raise
-        except (OSError, TimeoutError, ssl.SSLError) as error:
-            self._fail(f"{error or 'no connection'}")
+        except TimeoutError:
+            self._fail(f"no connection within {self._bound} s")
+        except Exception as error:  # OSError, ssl.SSLError, a host that does not resolve, …
+            self._fail(str(error) or type(error).__name__)
 
     # the caller's side
 
