@@ -142,14 +142,18 @@ def value(i: int, lease_ttl: int, generation: int = 0) -> bytes:
                                             ttl=lease_ttl))  # fmt: skip
 
 
-def make_queries(registry: Registry, lines: int, seed: int) -> list[tuple[str, str]]:
-    """80% A on service names, 10% A on instance names, 10% names that do not exist."""
+def make_queries(
+    registry: Registry, lines: int, seed: int, services: int | None = None
+) -> list[tuple[str, str]]:
+    """80% A on service names, 10% A on instance names, 10% names that do not exist; names
+    from the first `services` services only when given (a smaller working set)."""
     rng = random.Random(seed)
     n_inst = lines // 10
     n_nx = lines // 10
     n_svc = lines - n_inst - n_nx
-    queries = [(f"svc{rng.randrange(registry.services)}.{ZONE_SUFFIX}", "A") for _ in range(n_svc)]
-    queries += [(registry.instance_name(rng.randrange(registry.instances)), "A")
+    pool = min(registry.services, services or registry.services)
+    queries = [(f"svc{rng.randrange(pool)}.{ZONE_SUFFIX}", "A") for _ in range(n_svc)]
+    queries += [(registry.instance_name(rng.randrange(pool * registry.per_service)), "A")
                 for _ in range(n_inst)]  # fmt: skip
     queries += [(f"missing{rng.randrange(10**6)}.{ZONE_SUFFIX}", "A") for _ in range(n_nx)]
     rng.shuffle(queries)
@@ -613,6 +617,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=200, help="etcd writes in flight")
     p.add_argument("--lease-ttl", type=int, default=3600)
     p.add_argument(
+        "--query-services",
+        type=int,
+        default=None,
+        help="query names of the first N services only (default: all): the same working set "
+        "for every registry, to tell the registry's size from the number of names queried",
+    )
+    p.add_argument(
         "--only",
         choices=("1000x100", "10000x10"),
         action="append",
@@ -687,7 +698,8 @@ def dnsperf_rounds(procs: Procs, res: Result, big: Server, base: Server, work: P
     order flips every round); a pair where neighbours took more than --max-neighbours of a CPU
     is run again, up to --retries times."""
     qfile = work / f"queries-{res.registry.services}x{res.registry.per_service}.txt"
-    qfile.write_text("".join(f"{n} {t}\n" for n, t in make_queries(res.registry, args.lines, 4)))
+    queries = make_queries(res.registry, args.lines, 4, args.query_services)
+    qfile.write_text("".join(f"{n} {t}\n" for n, t in queries))
     bfile = work / "queries-base.txt"
     for mode in args.modes:
         before = metrics(big.http_port)
@@ -827,7 +839,9 @@ def main() -> int:
         bursts(res, etcd, base, leases)
         results.append(res)
         (work / "queries-base.txt").write_text(
-            "".join(f"{n} {t}\n" for n, t in make_queries(base_reg, args.lines, 4))
+            "".join(
+                f"{n} {t}\n" for n, t in make_queries(base_reg, args.lines, 4, args.query_services)
+            )
         )
 
         for reg in big_regs:
