@@ -174,13 +174,7 @@ class CacheState:
         serial = revision % 2**32
         soa_key = TYPE_KEYS[SOA] + IN_WIRE
         for zone in self.zones:
-            negative = zone.negative
-            zone.negative = Negative(
-                with_serial(negative.body, serial),
-                negative.counts,
-                negative.counts_edns,
-                with_serial(negative.packed, serial),
-            )
+            zone.negative = zone.negative.with_serial(serial)
             key = zone.wire + soa_key
             apex = self.answers[key]
             assert isinstance(apex, bytes)

@@ -51,18 +51,6 @@ def turned(packed: Packed, start: int) -> tuple[bytes, bytes]:
     return packed[:8], packed[PACKED_HEAD:]
 
 
-def unpack(packed: Packed) -> tuple[bytes, bytes, tuple[bytes, ...]]:
-    """(counts, counts with OPT, bodies: every rotation) of a packed answer."""
-    if isinstance(packed, tuple):
-        data, count, size, span = packed
-        at = PACKED_HEAD
-        bodies = tuple(data[at + k * size : at + k * size + span] for k in range(count))
-    else:
-        data = packed
-        bodies = (packed[PACKED_HEAD:],)
-    return data[:8], data[8:PACKED_HEAD], bodies
-
-
 @dataclass(frozen=True, slots=True)
 class Soa:
     mname: str
@@ -311,15 +299,17 @@ class SrvTarget(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Negative:
-    """An answer without records (NXDOMAIN or NODATA): the zone SOA in authority."""
+    """An answer without records (NXDOMAIN or NODATA): the zone SOA in authority. `packed`
+    as for positive answers; `body` is its records, kept apart so that a query need not cut
+    them out."""
 
-    body: bytes
-    counts: bytes
-    counts_edns: bytes
     packed: bytes
+    body: bytes
 
     @classmethod
     def build(cls, soa: RR) -> Negative:
         body = encode_sections(None, (), (soa,), ())
-        plain, edns = counts(0, 1, 0), counts(0, 1, 1)
-        return cls(body, plain, edns, plain + edns + body)
+        return cls(counts(0, 1, 0) + counts(0, 1, 1) + body, body)
+
+    def with_serial(self, serial: int) -> Negative:
+        return Negative(with_serial(self.packed, serial), with_serial(self.body, serial))

@@ -137,9 +137,9 @@ class Resolver:
         if found is not None:
             flags = self._ok
             if isinstance(found, tuple):  # Rotating: from record (query ID mod count) on
-                head, count, size, span = found
+                head, count, record, span = found
                 if span <= room:
-                    cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * size
+                    cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * record
                     body = head[cut : cut + span]
                 else:
                     body = head  # too long as well: truncated below, never sent
@@ -358,6 +358,6 @@ def _header_only(q: bytes, rcode: int) -> bytes:
 
 def _negative_soa(zone: Zone) -> LibRR:
     """The zone's SOA as the fast path sends it, read back from those bytes."""
-    message = b"\x00\x00\x84\x00" + zone.negative.counts + b"\x00\x00\x06\x00\x01"
+    message = b"\x00\x00\x84\x00" + zone.negative.packed[:8] + b"\x00\x00\x06\x00\x01"
     soa: LibRR = DNSRecord.parse(message + zone.negative.body).auth[0]
     return soa
