@@ -282,12 +282,27 @@ class EtcdStore:
         self._next = (self._next + 1) % len(self._endpoints)
         raise StoreUnavailable("cannot connect to etcd: " + "; ".join(errors))
 
+    def _release(self, client: _Client) -> bool:
+        """Stop using a failed connection (the next call dials the next endpoint); False
+        when it was released already."""
+        if self._client is not client:
+            return False
+        self._client = None
+        self._next = (self._next + 1) % len(self._endpoints)
+        return True
+
     async def _drop(self, client: _Client) -> None:
-        """Forget a failed connection: the next call dials the next endpoint."""
-        if self._client is client:
-            self._client = None
-            self._next = (self._next + 1) % len(self._endpoints)
+        """Forget a failed connection and close it."""
+        self._release(client)
         await client.close()
+
+    def _forget(self, client: _Client) -> None:
+        """_drop for callers that cannot await: released at once, closed in the background
+        (EtcdStore.close waits for it)."""
+        if self._release(client):
+            closing = asyncio.ensure_future(client.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def _failure(self, client: _Client, error: grpc.aio.AioRpcError) -> StoreError:
         """The store error for a failed call, dropping the connection if it is broken."""
@@ -399,17 +414,6 @@ class EtcdStore:
                 on_failure=lambda: self._forget(client),
             )
         return stream
-
-    def _forget(self, client: _Client) -> None:
-        """_drop, its bookkeeping done at once (no call may start on the connection any
-        more), for callers that cannot await."""
-        if self._client is not client:
-            return  # dropped already
-        self._client = None
-        self._next = (self._next + 1) % len(self._endpoints)
-        closing = asyncio.ensure_future(client.close())
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
 
     async def time_to_live(self, lease: int) -> int:
         async def op(c: _Client) -> Any:
