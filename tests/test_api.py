@@ -235,13 +235,19 @@ async def _index(client: Client, path: str = WEB) -> tuple[int, Any]:
     return int(headers["X-Discovery-Index"]), body
 
 
+async def _pending_poll(client: Client, path: str, index: int) -> asyncio.Task[Any]:
+    """A long poll on path from index, checked to be still waiting: no change, no answer."""
+    poll = asyncio.create_task(client.request("GET", f"{path}?index={index}&wait=10s"))
+    done, _ = await asyncio.wait({poll}, timeout=0.3)
+    assert not done, "the long poll returned without a change"
+    return poll
+
+
 async def test_long_poll_wakes_on_a_registration_of_the_service(client: Client) -> None:
     await client.register("default", "web", "web-1", address="10.0.0.1")
     await settle(client)
     index, _ = await _index(client)
-    poll = asyncio.create_task(client.request("GET", f"{WEB}?index={index}&wait=10s"))
-    done, _ = await asyncio.wait({poll}, timeout=0.3)
-    assert not done, "the long poll returned without a change"
+    poll = await _pending_poll(client, WEB, index)
     started = time.monotonic()
     await client.register("default", "web", "web-2", address="10.0.0.2")
     status, body, headers = await asyncio.wait_for(poll, 5)
@@ -255,9 +261,7 @@ async def test_long_poll_wakes_on_expiry_and_delete(client: Client) -> None:
     await client.register("default", "web", "web-1", address="10.0.0.1")
     await settle(client)
     index, _ = await _index(client)
-    poll = asyncio.create_task(client.request("GET", f"{WEB}?index={index}&wait=10s"))
-    done, _ = await asyncio.wait({poll}, timeout=0.2)
-    assert not done
+    poll = await _pending_poll(client, WEB, index)
     assert (await client.request("DELETE", INST + "web-1"))[0] == 204
     status, body, headers = await asyncio.wait_for(poll, 2)
     assert (status, body["instances"]) == (200, [])
@@ -292,9 +296,7 @@ async def test_long_poll_without_change_returns_after_the_wait(client: Client) -
 
 async def test_long_poll_on_the_service_list(client: Client) -> None:
     index, _ = await _index(client, "/v1/services")
-    poll = asyncio.create_task(client.request("GET", f"/v1/services?index={index}&wait=10s"))
-    done, _ = await asyncio.wait({poll}, timeout=0.2)
-    assert not done
+    poll = await _pending_poll(client, "/v1/services", index)
     await client.register("prod", "api", "api-1", address="10.0.1.1")
     status, body, headers = await asyncio.wait_for(poll, 2)
     assert status == 200

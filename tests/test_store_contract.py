@@ -102,6 +102,13 @@ def summary(events: list[Event]) -> list[tuple[EventType, bytes, bytes, int, int
     return [(e.type, e.key, e.value, e.mod_revision, e.lease) for e in events]
 
 
+async def assert_lease_unknown(store: Store, lease: int) -> None:
+    """Every lease call on a lease the store does not know raises LeaseNotFound."""
+    for call in (store.keepalive, store.time_to_live, store.revoke):
+        with pytest.raises(LeaseNotFound):
+            await call(lease)
+
+
 async def wait_for_delete(watch: Watch, key: bytes, within: float) -> Event:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -246,12 +253,7 @@ async def test_revoke_deletes_the_lease_keys_and_the_watch_sees_it(store: Store)
     assert await store.get(P + b"a") is None
     assert await store.get(P + b"b") is None
     assert await store.get(P + b"c") == KeyValue(P + b"c", b"3", kept.revision, other)
-    with pytest.raises(LeaseNotFound):
-        await store.time_to_live(lease)
-    with pytest.raises(LeaseNotFound):
-        await store.keepalive(lease)
-    with pytest.raises(LeaseNotFound):
-        await store.revoke(lease)
+    await assert_lease_unknown(store, lease)
 
 
 async def test_lease_expires_on_its_own(store: Store) -> None:
@@ -264,9 +266,7 @@ async def test_lease_expires_on_its_own(store: Store) -> None:
     assert event.mod_revision > put.revision
     assert 1.5 <= elapsed < EXPIRY_WAIT
     assert await store.get(P + b"a") is None
-    for call in (store.keepalive, store.time_to_live, store.revoke):
-        with pytest.raises(LeaseNotFound):
-            await call(lease)
+    await assert_lease_unknown(store, lease)
 
 
 async def test_keepalive_extends_the_lease(store: Store) -> None:
@@ -281,12 +281,7 @@ async def test_keepalive_extends_the_lease(store: Store) -> None:
 
 
 async def test_unknown_lease_raises_lease_not_found(store: Store) -> None:
-    with pytest.raises(LeaseNotFound):
-        await store.keepalive(UNKNOWN_LEASE)
-    with pytest.raises(LeaseNotFound):
-        await store.time_to_live(UNKNOWN_LEASE)
-    with pytest.raises(LeaseNotFound):
-        await store.revoke(UNKNOWN_LEASE)
+    await assert_lease_unknown(store, UNKNOWN_LEASE)
     before = await store.revision()
     with pytest.raises(LeaseNotFound):
         await store.put(P + b"a", b"1", UNKNOWN_LEASE)
