@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model
+
 HOST = "127.0.0.1"  # the only address this script ever binds or queries
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -578,6 +580,34 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def how_it_was_run(
+    command: str,
+    started: dt.datetime,
+    facts: dict[str, str],
+    peer: str,
+    load_before: str,
+    load_after: str,
+    machine_note: str = "",
+) -> list[str]:
+    """The section of a report that says how to run it again and where it ran."""
+    return [
+        "## How it was run",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"* Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"* Machine: `nproc` = {facts['nproc']}, {facts['cpu']}, Linux {facts['kernel']}"
+        + machine_note,
+        f"* Python {facts['python']}, uvloop {facts['uvloop']}, dnsperf {facts['dnsperf']}, "
+        + peer,
+        f"* discovery at commit {facts['commit']}"
+        + (f" with uncommitted changes in {facts['dirty']}" if facts["dirty"] else ""),
+        f"* Load average (1, 5, 15 min) before / after: {load_before} / {load_after}",
+    ]
+
+
 def machine_facts() -> dict[str, str]:
     def run(argv: list[str]) -> str:
         try:
@@ -585,12 +615,6 @@ def machine_facts() -> dict[str, str]:
         except OSError:
             return ""
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     dnsperf_version = re.search(r"Version (\S+)", run(["dnsperf", "-h"]))
     dnsmasq_path = find_dnsmasq()
     dnsmasq_version = re.search(
@@ -601,7 +625,7 @@ def machine_facts() -> dict[str, str]:
     dirty_files = [line[3:] for line in dirty if line.strip()]
     return {
         "nproc": run(["nproc"]).strip() or str(os.cpu_count()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "uvloop": importlib.metadata.version("uvloop"),
@@ -810,19 +834,7 @@ def write_markdown(
         )
     text += [
         "",
-        "## How it was run",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"* Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"* Machine: `nproc` = {facts['nproc']}, {facts['cpu']}, Linux {facts['kernel']}",
-        f"* Python {facts['python']}, uvloop {facts['uvloop']}, dnsperf {facts['dnsperf']}, "
-        f"dnsmasq {facts['dnsmasq']}",
-        f"* discovery at commit {facts['commit']}"
-        + (f" with uncommitted changes in {facts['dirty']}" if facts["dirty"] else ""),
-        f"* Load average (1, 5, 15 min) before / after: {load[0]} / {load[-1]}",
+        *how_it_was_run(command, started, facts, f"dnsmasq {facts['dnsmasq']}", load[0], load[-1]),
         "",
         "Workload: 1,000 services `svcN.default.svc.cluster.local`, one instance `i0` each, "
         "200 of them with a named port `http` (SRV `_http._tcp.svcN…` → "

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from etcd_support import EtcdServer, free_ports  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 HOST = "127.0.0.1"
 _DNS_LINE = re.compile(r"DNS listening on ([0-9.]+):(\d+)")
@@ -182,12 +183,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     etcd = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["etcd", "--version"], capture_output=True, text=True, timeout=10)

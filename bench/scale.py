@@ -67,6 +67,7 @@ from dnsperf_compare import (  # noqa: E402
     Run,
     _cpu_busy,
     ask,
+    how_it_was_run,
     machine_facts,
     measure,
 )
@@ -920,20 +921,15 @@ def write_markdown(path: Path, *, command: str, started: dt.datetime, facts: dic
         "",
         *dns_lines(results[1:], args.modes),
         "",
-        "## How it was run",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"* Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"* Machine: `nproc` = {facts['nproc']}, {facts['cpu']}, Linux {facts['kernel']}, "
-        "shared with other engineers running tests",
-        f"* Python {facts['python']}, uvloop {facts['uvloop']}, dnsperf {facts['dnsperf']}, "
-        f"etcd {_etcd_version()}",
-        f"* discovery at commit {facts['commit']}"
-        + (f" with uncommitted changes in {facts['dirty']}" if facts["dirty"] else ""),
-        f"* Load average (1, 5, 15 min) before / after: {loadavg[0]} / {loadavg[1]}",
+        *how_it_was_run(
+            command,
+            started,
+            facts,
+            f"etcd {_etcd_version()}",
+            loadavg[0],
+            loadavg[1],
+            ", shared with other engineers running tests",
+        ),
         f"* Settings: {args.load_repeats} load repeats, {args.bursts} bursts of "
         f"{args.burst:,} puts, {args.rounds} dnsperf rounds x {args.duration} s, query file "
         f"{args.lines:,} lines, {args.concurrency} etcd writes in flight, leases of "
