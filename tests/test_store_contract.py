@@ -22,10 +22,12 @@ from aetcd import rpc
 from discovery.store import etcd as etcd_module
 from discovery.store.base import (
     Compacted,
+    Delete,
     Event,
     EventType,
     KeyValue,
     LeaseNotFound,
+    Put,
     Store,
     StoreError,
     StoreUnavailable,
@@ -153,6 +155,53 @@ async def test_delete_returns_previous_value_or_none(store: Store) -> None:
     assert await store.delete(P + b"a") is None
     assert await store.delete(P + b"never") is None
     assert await store.revision() == before + 1  # deleting nothing writes nothing
+
+
+async def test_txn_creates_only_when_absent_at_one_revision(store: Store) -> None:
+    lease = await store.grant(10)
+    start = await store.revision()
+    async with watching(store, P, start + 1) as watch:
+        made = await store.txn(
+            {P + b"a": 0, P + b"b": 0}, [Put(P + b"a", b"1", lease), Put(P + b"b", b"2", lease)]
+        )
+        assert made.succeeded and made.revision == start + 1
+        events = await watch.take(2)
+    assert {(e.key, e.mod_revision, e.lease) for e in events} == {
+        (P + b"a", made.revision, lease),
+        (P + b"b", made.revision, lease),
+    }
+    # one key present: nothing is written
+    again = await store.txn({P + b"c": 0, P + b"a": 0}, [Put(P + b"c", b"3")])
+    assert not again.succeeded and again.revision == made.revision
+    assert await store.get(P + b"c") is None
+    assert await store.revision() == made.revision
+
+
+async def test_txn_compares_mod_revisions_and_deletes(store: Store) -> None:
+    first = await store.put(P + b"a", b"1")
+    await store.put(P + b"b", b"2")
+    stale = await store.txn({P + b"a": first.revision - 1}, [Delete(P + b"a")])
+    assert not stale.succeeded
+    gone = await store.txn(
+        {P + b"a": first.revision}, [Delete(P + b"a"), Delete(P + b"b"), Delete(P + b"none")]
+    )
+    assert gone.succeeded and gone.revision == await store.revision()
+    assert await store.get(P + b"a") is None and await store.get(P + b"b") is None
+    # no condition at all: always applies
+    plain = await store.txn({}, [Put(P + b"c", b"3")])
+    assert plain.succeeded and (await store.get(P + b"c")) == KeyValue(
+        P + b"c", b"3", plain.revision, 0
+    )
+
+
+async def test_txn_keys_die_with_their_lease(store: Store) -> None:
+    lease = await store.grant(10)
+    await store.txn({}, [Put(P + b"a", b"1", lease), Put(P + b"b", b"2", lease)])
+    await store.revoke(lease)
+    assert (await store.load(P)).items == []
+    with pytest.raises(LeaseNotFound):
+        await store.txn({}, [Put(P + b"c", b"1", UNKNOWN_LEASE)])
+    assert await store.get(P + b"c") is None
 
 
 async def test_load_returns_the_prefix_at_one_revision(store: Store) -> None:

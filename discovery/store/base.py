@@ -8,7 +8,7 @@ a watch from revision R delivers every later put and delete in revision order.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +62,28 @@ class PutResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Put:
+    """A write inside a transaction (bound to the lease when not 0)."""
+
+    key: bytes
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """A delete inside a transaction (a key that does not exist is no error)."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int  # the store revision after the transaction (unchanged when it failed)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     revision: int
     items: list[KeyValue]
@@ -87,6 +109,15 @@ class Store(Protocol):
 
     async def delete(self, key: bytes) -> KeyValue | None:
         """Delete the key; returns what it held, or None when it did not exist."""
+
+    async def txn(
+        self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]
+    ) -> TxnResult:
+        """Apply ops atomically, at one new revision, when every key in expect has that
+        mod_revision (0: the key must not exist); otherwise change nothing.
+
+        A key appears at most once in ops. Raises LeaseNotFound for an unknown lease in a Put.
+        """
 
     async def load(self, prefix: bytes) -> Snapshot:
         """Every key under the prefix, at one revision."""

@@ -7,18 +7,21 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .base import (
     Compacted,
+    Delete,
     Event,
     EventType,
     KeyValue,
     LeaseNotFound,
+    Put,
     PutResult,
     Snapshot,
     StoreError,
+    TxnResult,
 )
 
 _END: list[Event] = []  # queued to a watch when the store closes
@@ -127,6 +130,39 @@ class EmbeddedStore:
         self._revision += 1
         self._publish([Event(EventType.DELETE, key, b"", self._revision, 0)])
         return prev
+
+    async def txn(
+        self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]
+    ) -> TxnResult:
+        self._check_open()
+        for key, revision in expect.items():
+            current = self._kv.get(key)
+            if (current.mod_revision if current is not None else 0) != revision:
+                return TxnResult(False, self._revision)
+        keys = [op.key for op in ops]
+        if len(set(keys)) != len(keys):
+            raise StoreError("a key appears twice in one transaction")
+        for op in ops:
+            if isinstance(op, Put) and op.lease:
+                self._lease(op.lease)
+        events = []
+        revision = self._revision + 1
+        for op in ops:
+            prev = self._kv.get(op.key)
+            if prev is not None and prev.lease in self._leases:
+                self._leases[prev.lease].keys.discard(op.key)
+            if isinstance(op, Put):
+                self._kv[op.key] = KeyValue(op.key, op.value, revision, op.lease)
+                if op.lease:
+                    self._leases[op.lease].keys.add(op.key)
+                events.append(Event(EventType.PUT, op.key, op.value, revision, op.lease))
+            elif prev is not None:
+                del self._kv[op.key]
+                events.append(Event(EventType.DELETE, op.key, b"", revision, 0))
+        if events:  # like etcd: a transaction that changes nothing keeps the revision
+            self._revision = revision
+            self._publish(events)
+        return TxnResult(True, self._revision)
 
     async def load(self, prefix: bytes) -> Snapshot:
         self._check_open()
