@@ -16,15 +16,18 @@ import time
 
 import dns.message
 
-from discovery.cache import Cache, DnsSettings
+from discovery.dns.answers import Answers, DnsSettings
 from discovery.dns.resolver import Resolver
 from discovery.model import InstanceKey, Registration, encode_registration
+from discovery.registry import Registry
 from discovery.store.base import KeyValue, Snapshot
 
 
 def main() -> int:
     services, per_service = int(sys.argv[1]), int(sys.argv[2])
-    cache = Cache(DnsSettings(("cluster.local",), 5, 5), "/discovery/")
+    registry = Registry("/discovery/")
+    dns_answers = Answers(DnsSettings(("cluster.local",), 5, 5))
+    registry.subscribe(dns_answers)
     items = []
     for s in range(services):
         for n in range(per_service):
@@ -35,9 +38,9 @@ def main() -> int:
             )
             key = InstanceKey("default", f"svc{s}", f"i{n}").store_key("/discovery/")
             items.append(KeyValue(key, encode_registration(body), i + 2, 1))
-    cache.load(Snapshot(len(items) + 2, items))
-    gc.freeze()  # as the watcher does after a load
-    resolver = Resolver(cache)
+    registry.load(Snapshot(len(items) + 2, items))
+    gc.freeze()  # as the server does after its first load
+    resolver = Resolver(dns_answers)
     rng = random.Random(1)
     queries = []
     for _ in range(20000):
@@ -57,7 +60,7 @@ def main() -> int:
         for query in queries:
             fast(query, False)
         best = min(best, (time.perf_counter() - started) / len(queries))
-    answers = len(cache.state.answers)
+    answers = len(dns_answers.state.answers)
     print(f"{services} x {per_service}: {best * 1e6:.2f} us per query ({answers:,} answers)")
     return 0
 

@@ -15,7 +15,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from .cache import Cache
 from .config import Config
 from .metrics import Metrics
 from .model import (
@@ -28,6 +27,7 @@ from .model import (
     is_label,
 )
 from .openapi import openapi_document
+from .registry import Registry
 from .store.base import LeaseNotFound, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ PROBLEM = "application/problem+json"
 class Context:
     config: Config
     store: Store
-    cache: Cache
+    registry: Registry
     metrics: Metrics
 
 
@@ -222,7 +222,7 @@ async def register(request: web.Request) -> web.Response:
         except LeaseNotFound:
             pass
     # Read your writes: this replica answers the new record before the client hears back.
-    await ctx.cache.wait(lambda: ctx.cache.revision >= result.revision, WRITE_VISIBLE_WAIT)
+    await ctx.registry.wait(lambda: ctx.registry.revision >= result.revision, WRITE_VISIBLE_WAIT)
     instance = Instance(key, Spec.of(spec, value), lease, result.revision)
     return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
 
@@ -246,7 +246,7 @@ def _not_found(key: InstanceKey) -> Problem:
 async def heartbeat(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
-    instance = ctx.cache.state.services.get(key.service_key, {}).get(key.name)
+    instance = ctx.registry.registered(key)
     for attempt in range(2):
         if instance is None or attempt:
             # Not in this replica's cache yet, or re-registered with a new lease since.
@@ -280,7 +280,8 @@ async def deregister(request: web.Request) -> web.Response:
         except LeaseNotFound:
             pass
     # Read your writes: this replica stops answering before the client hears back.
-    await ctx.cache.wait(lambda: ctx.cache.state.keys.get(store_key) is None, WRITE_VISIBLE_WAIT)
+    registry = ctx.registry
+    await registry.wait(lambda: not registry.has_instance_key(store_key), WRITE_VISIBLE_WAIT)
     return web.Response(status=204)
 
 
@@ -307,44 +308,42 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
     return index, wait
 
 
-def _indexed(body: Any, cache: Cache) -> web.Response:
-    return web.json_response(body, headers={"X-Discovery-Index": str(cache.revision)})
+def _indexed(body: Any, registry: Registry) -> web.Response:
+    return web.json_response(body, headers={"X-Discovery-Index": str(registry.revision)})
 
 
 async def list_services(request: web.Request) -> web.Response:
-    cache = request.app[CONTEXT].cache
+    registry = request.app[CONTEXT].registry
     index, wait = _wait_args(request)
     if index is not None:
-        await cache.wait(lambda: cache.revision > index, wait)
+        await registry.wait(lambda: registry.revision > index, wait)
     services = [
         {"namespace": ns, "service": svc, "instances": len(instances)}
-        for (ns, svc), instances in sorted(cache.state.services.items())
+        for (ns, svc), instances in sorted(registry.services().items())
     ]
-    return _indexed({"services": services}, cache)
+    return _indexed({"services": services}, registry)
 
 
 async def get_service(request: web.Request) -> web.Response:
-    cache = request.app[CONTEXT].cache
+    registry = request.app[CONTEXT].registry
     key = _key(request, with_instance=False)
     index, wait = _wait_args(request)
     if index:  # index=0 never blocks: the registry revision is always past it (Consul too)
-        await cache.wait(lambda: cache.state.service_revision.get(key.service_key, 0) > index, wait)
+        await registry.wait(lambda: registry.service_revision(key.service_key) > index, wait)
     tags = request.query.getall("tag", [])
-    instances = sorted(
-        cache.state.services.get(key.service_key, {}).values(), key=lambda i: i.key.name
-    )
+    instances = sorted(registry.instances(key.service_key).values(), key=lambda i: i.key.name)
     body = {
         "namespace": key.namespace,
         "service": key.service,
         "instances": [i.to_json() for i in instances if all(t in i.spec.tags for t in tags)],
     }
-    return _indexed(body, cache)
+    return _indexed(body, registry)
 
 
 async def get_instance(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
-    instance = ctx.cache.state.services.get(key.service_key, {}).get(key.name)
+    instance = ctx.registry.instance(key)
     if instance is None:
         raise _not_found(key)
     try:
@@ -354,8 +353,8 @@ async def get_instance(request: web.Request) -> web.Response:
     except StoreUnavailable:
         # Reads answer from memory through an outage; only the expiry is unknown then.
         ctx.metrics.store_errors.inc()
-        return _indexed(instance.to_json(), ctx.cache)
-    return _indexed(_instance_body(instance, remaining), ctx.cache)
+        return _indexed(instance.to_json(), ctx.registry)
+    return _indexed(_instance_body(instance, remaining), ctx.registry)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -363,15 +362,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    cache = request.app[CONTEXT].cache
-    since = time.monotonic() - cache.last_contact if cache.last_contact else None
+    registry = request.app[CONTEXT].registry
+    since = time.monotonic() - registry.last_contact if registry.last_contact else None
     body = {
-        "status": "ready" if cache.synced else "loading",
-        "store": "ok" if cache.store_healthy else "degraded",
-        "revision": cache.revision,
+        "status": "ready" if registry.synced else "loading",
+        "store": "ok" if registry.store_healthy else "degraded",
+        "revision": registry.revision,
         "seconds_since_store_contact": None if since is None else round(since, 3),
     }
-    return web.json_response(body, status=200 if cache.synced else 503)
+    return web.json_response(body, status=200 if registry.synced else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .dns.records import RCODE_NAMES
+
 if TYPE_CHECKING:
-    from .cache import Cache
+    from .dns.answers import Answers
     from .dns.resolver import Stats
     from .dns.transport import TcpConnections
+    from .registry import Registry
     from .watcher import Watcher
-
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
 class Metrics:
@@ -46,37 +47,48 @@ class Metrics:
 
     def watch(
         self,
-        cache: Cache,
+        registry: Registry,
+        answers: Answers,
         watcher: Watcher,
         stats: Stats,
         tcp: TcpConnections | None = None,
     ) -> None:
-        self.registry.register(_StateCollector(cache, watcher, stats, tcp))
+        self.registry.register(_StateCollector(registry, answers, watcher, stats, tcp))
 
 
 class _StateCollector(Collector):
     def __init__(
-        self, cache: Cache, watcher: Watcher, stats: Stats, tcp: TcpConnections | None
+        self,
+        registry: Registry,
+        answers: Answers,
+        watcher: Watcher,
+        stats: Stats,
+        tcp: TcpConnections | None,
     ) -> None:
-        self.cache = cache
+        self.source = registry
+        self.answers = answers
         self.watcher = watcher
         self.stats = stats
         self.tcp = tcp
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        cache, state = self.cache, self.cache.state
-        yield _gauge("discovery_cache_synced", "1 once the first full load finished", cache.synced)
-        yield _gauge("discovery_store_up", "1 while the store answers", cache.store_healthy)
-        since = time.monotonic() - cache.last_contact if cache.last_contact else float("nan")
+        registry = self.source
+        yield _gauge(
+            "discovery_cache_synced", "1 once the first full load finished", registry.synced
+        )
+        yield _gauge("discovery_store_up", "1 while the store answers", registry.store_healthy)
+        since = time.monotonic() - registry.last_contact if registry.last_contact else float("nan")
         yield _gauge(
             "discovery_store_last_contact_seconds", "Seconds since the store last answered", since
         )
         yield _gauge(
-            "discovery_watch_revision", "Store revision the cache reflects", state.revision
+            "discovery_watch_revision", "Store revision the registry reflects", registry.revision
         )
-        yield _gauge("discovery_services", "Services with live instances", len(state.services))
-        yield _gauge("discovery_instances", "Live instances", len(state.keys))
-        yield _gauge("discovery_dns_names", "DNS names answered from memory", len(state.names))
+        services = registry.services()
+        yield _gauge("discovery_services", "Services with live instances", len(services))
+        yield _gauge("discovery_instances", "Live instances", registry.instance_count())
+        names = len(self.answers.state.names)
+        yield _gauge("discovery_dns_names", "DNS names answered from memory", names)
         reloads = CounterMetricFamily(
             "discovery_watch_reloads", "Full reloads after a compacted watch"
         )

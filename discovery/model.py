@@ -110,6 +110,11 @@ def instances_prefix(prefix: str) -> bytes:
     return f"{prefix}v1/instances/".encode()
 
 
+def records_prefix(prefix: str) -> bytes:
+    """Everything this version keeps under the prefix (instances and networking)."""
+    return f"{prefix}v1/".encode()
+
+
 class PortEntry(NamedTuple):
     name: str
     port: int

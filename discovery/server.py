@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .api import Context, create_app
-from .cache import Cache, DnsSettings
 from .config import Config
+from .dns.answers import Answers, DnsSettings
 from .dns.resolver import Resolver
 from .dns.transport import TcpConnections, open_listeners
 from .metrics import Metrics
-from .model import instances_prefix
+from .model import records_prefix
+from .registry import Registry
 from .store.base import Store
 from .store.embedded import EmbeddedStore
 from .watcher import Watcher
@@ -63,9 +64,11 @@ class Server:
         settings = DnsSettings(
             config.zones, config.dns_ttl, config.negative_ttl, _glue_address(config.dns.host)
         )
-        self.cache = Cache(settings, config.etcd_prefix)
-        self.resolver = Resolver(self.cache)
-        self.watcher = Watcher(self.store, self.cache, instances_prefix(config.etcd_prefix))
+        self.registry = Registry(config.etcd_prefix)
+        self.answers = Answers(settings)
+        self.registry.subscribe(self.answers)
+        self.resolver = Resolver(self.answers)
+        self.watcher = Watcher(self.store, self.registry, records_prefix(config.etcd_prefix))
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
         self.http_address: tuple[str, int] = (config.http.host, config.http.port)
         self._tasks: list[asyncio.Task[None]] = []
@@ -98,8 +101,10 @@ class Server:
             log.info("DNS listening on %s:%d (udp, tcp)", *self.dns_address)
             if not self.serves_http:
                 return
-            self.metrics.watch(self.cache, self.watcher, self.resolver.stats, self._connections)
-            context = Context(config, self.store, self.cache, self.metrics)
+            self.metrics.watch(
+                self.registry, self.answers, self.watcher, self.resolver.stats, self._connections
+            )
+            context = Context(config, self.store, self.registry, self.metrics)
             self._runner = web.AppRunner(create_app(context), access_log=None, shutdown_timeout=5)
             await self._runner.setup()
             site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
@@ -134,7 +139,7 @@ class Server:
             self._connections.close_all()
         if self._tcp is not None:
             await self._tcp.wait_closed()
-        self.cache.close()  # long polls answer now with what they have
+        self.registry.close()  # long polls answer now with what they have
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:

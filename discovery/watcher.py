@@ -1,4 +1,4 @@
-"""Keeps the cache equal to the store: load at revision R, watch from R+1, forever."""
+"""Keeps the registry equal to the store: load at revision R, watch from R+1, forever."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import random
 import time
 
-from .cache import Cache
+from .registry import Registry
 from .store.base import Compacted, Event, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ class Backoff:
 
 class Watcher:
     def __init__(
-        self, store: Store, cache: Cache, prefix: bytes, probe_interval: float = 1.0
+        self, store: Store, registry: Registry, prefix: bytes, probe_interval: float = 1.0
     ) -> None:
         self.store = store
-        self.cache = cache
+        self.registry = registry
         self.prefix = prefix
         self.probe_interval = probe_interval
         self.reloads = 0
@@ -55,7 +55,7 @@ class Watcher:
             try:
                 if self._needs_load:
                     snapshot = await self.store.load(self.prefix)
-                    self.cache.load(snapshot)
+                    self.registry.load(snapshot)
                     self._needs_load = False
                     # The registry is long-lived and acyclic: keep it out of the collector's
                     # full passes, which would otherwise walk every record now and then.
@@ -63,7 +63,7 @@ class Watcher:
                     log.info(
                         "loaded %d records at revision %d", len(snapshot.items), snapshot.revision
                     )
-                    self.cache.mark_contact(True)
+                    self.registry.mark_contact(True)
                 # no contact mark before the watch answers: resuming is not reaching the store
                 await self._follow(backoff)
                 return  # the store closed the stream: we are shutting down
@@ -83,7 +83,7 @@ class Watcher:
                     self.failures += 1
                     self._needs_load = True
                 self.resumes += 1
-                self.cache.mark_contact(False)
+                self.registry.mark_contact(False)
                 delay = backoff.next_delay()
                 log.warning(
                     "store unreachable (%s): serving the last known state, retrying in %.2fs",
@@ -93,9 +93,9 @@ class Watcher:
                 await asyncio.sleep(delay)
 
     async def _follow(self, backoff: Backoff) -> None:
-        """Apply the watch from the cache's revision on until the stream ends or fails.
+        """Apply the watch from the registry's revision on until the stream ends or fails.
 
-        A pump task receives the stream; batches that arrived while the cache was busy are
+        A pump task receives the stream; batches that arrived while the registry was busy are
         applied together, so a burst rebuilds each touched service once per pass rather
         than once per event. An idle watch applies each event as soon as it arrives.
         """
@@ -103,7 +103,7 @@ class Watcher:
 
         async def pump() -> None:
             try:
-                async for batch in self.store.watch(self.prefix, self.cache.revision + 1):
+                async for batch in self.store.watch(self.prefix, self.registry.revision + 1):
                     queue.put_nowait(batch)
                 queue.put_nowait(None)
             except (Exception, asyncio.CancelledError) as error:
@@ -129,9 +129,9 @@ class Watcher:
                     item = queue.get_nowait()
                 if events:
                     started = time.perf_counter()
-                    self.cache.apply(events)
+                    self.registry.apply(events)
                     busy = time.perf_counter() - started
-                    self.cache.mark_contact(True)
+                    self.registry.mark_contact(True)
                     backoff.reset()
                 if item is None:
                     return
@@ -147,9 +147,9 @@ class Watcher:
         while True:
             try:
                 await self.store.revision()
-                self.cache.mark_contact(True)
+                self.registry.mark_contact(True)
             except StoreUnavailable:
-                self.cache.mark_contact(False)
+                self.registry.mark_contact(False)
             except StoreError:
                 return  # closed
             await asyncio.sleep(self.probe_interval)

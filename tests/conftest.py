@@ -81,13 +81,13 @@ class Client:
         return {rr.to_text() for rrset in response.answer for rr in rrset}
 
     async def wait_cache(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-        return await self.server.cache.wait(predicate, timeout)
+        return await self.server.registry.wait(predicate, timeout)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     async with run_server(make_config()) as running:
-        await running.cache.wait(lambda: running.cache.synced, 5)
+        await running.registry.wait(lambda: running.registry.synced, 5)
         yield running
 
 

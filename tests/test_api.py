@@ -56,7 +56,7 @@ def assert_problem(
 async def settle(client: Client) -> None:
     """Wait until the cache (and so DNS and every GET) reflects every write so far."""
     revision = await client.server.store.revision()
-    assert await client.wait_cache(lambda: client.server.cache.revision >= revision)
+    assert await client.wait_cache(lambda: client.server.registry.revision >= revision)
 
 
 async def scrape(client: Client) -> dict[str, float]:
@@ -199,7 +199,7 @@ async def test_get_service_with_tag_filters(client: Client) -> None:
         status, body, headers = await client.request("GET", WEB + query)
         assert status == 200, body
         assert (body["namespace"], body["service"]) == ("default", "web")
-        assert int(headers["X-Discovery-Index"]) == client.server.cache.revision
+        assert int(headers["X-Discovery-Index"]) == client.server.registry.revision
         return [i["name"] for i in body["instances"]]
 
     assert await names("") == ["web-1", "web-2", "web-3"]
@@ -338,7 +338,7 @@ async def test_healthz_and_readyz(client: Client) -> None:
     assert headers["Content-Type"].startswith("application/json")
     assert body["status"] == "ready"
     assert body["store"] == "ok"
-    assert body["revision"] == client.server.cache.revision > 1
+    assert body["revision"] == client.server.registry.revision > 1
     assert body["seconds_since_store_contact"] is not None
 
 
@@ -466,7 +466,7 @@ async def test_invalid_body(client: Client, body: bytes, field: str) -> None:
     problem = assert_problem(await client.request("PUT", INST + "web-1", data=body), 400, field)
     assert problem["title"] == "Invalid request"
     await settle(client)
-    assert client.server.cache.state.services == {}
+    assert client.server.registry.services() == {}
 
 
 @pytest.mark.parametrize(

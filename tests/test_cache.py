@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dns.message
+from dns_support import DnsCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discovery.cache import MAX_PTR_TARGETS, Cache, DnsSettings
+from discovery.dns.answers import MAX_PTR_TARGETS, DnsSettings
 from discovery.dns.records import Answer, turned
-from discovery.dns.resolver import Resolver
 from discovery.model import InstanceKey, Registration, encode_registration
 from discovery.store.base import Event, EventType, KeyValue, Snapshot
 
@@ -44,7 +44,7 @@ def key(ns: str, svc: str, inst: str) -> bytes:
 @given(operations, st.integers(min_value=1, max_value=8))
 def test_incremental_updates_equal_a_full_load(ops: list, batch: int) -> None:
     """Whatever the order and batching of events, the answers equal a fresh load's."""
-    incremental = Cache(SETTINGS, PREFIX)
+    incremental = DnsCache(SETTINGS, PREFIX)
     incremental.load(Snapshot(1, []))
     store: dict[bytes, KeyValue] = {}
     events = []
@@ -59,7 +59,7 @@ def test_incremental_updates_equal_a_full_load(ops: list, batch: int) -> None:
             events.append(Event(EventType.DELETE, k, b"", revision, 0))
     for start in range(0, len(events), batch):
         incremental.apply(events[start : start + batch])
-    fresh = Cache(SETTINGS, PREFIX)
+    fresh = DnsCache(SETTINGS, PREFIX)
     fresh.load(Snapshot(len(ops) + 1, sorted(store.values(), key=lambda kv: kv.key)))
     assert incremental.state.names == fresh.state.names
     assert incremental.state.answers.keys() == fresh.state.answers.keys()
@@ -68,14 +68,14 @@ def test_incremental_updates_equal_a_full_load(ops: list, batch: int) -> None:
 
 
 def test_reverse_answers_name_at_most_a_few_instances_of_a_shared_address() -> None:
-    cache = Cache(SETTINGS, PREFIX)
+    cache = DnsCache(SETTINGS, PREFIX)
     cache.load(Snapshot(1, []))
     value = encode_registration(Registration(address="10.7.7.7"))
     count = MAX_PTR_TARGETS * 3
     cache.apply(
         Event(EventType.PUT, key("default", "web", f"i{n}"), value, n + 2, 1) for n in range(count)
     )
-    resolver = Resolver(cache)
+    resolver = cache.resolver()
 
     def ptr_targets() -> set[str]:
         query = dns.message.make_query("7.7.7.10.in-addr.arpa", "PTR")
@@ -97,9 +97,9 @@ def test_soa_serials_carry_the_revision_in_every_zone_and_answer() -> None:
     """finish() writes the serial over the previous one in place: the apex SOA and the SOA
     of negative answers (forward and reverse zones) carry revision mod 2**32, with the rest
     of the record unchanged."""
-    cache = Cache(SETTINGS, PREFIX)
+    cache = DnsCache(SETTINGS, PREFIX)
     cache.load(Snapshot(2**32 + 5, []))
-    resolver = Resolver(cache)
+    resolver = cache.resolver()
     value = encode_registration(Registration(address="10.1.2.3"))
     for revision in (2**32 + 9, 2**32 + 10):
         cache.apply([Event(EventType.PUT, key("default", "web", "a"), value, revision, 1)])

@@ -270,16 +270,16 @@ async def test_shutdown_with_a_long_poll_in_flight_is_prompt() -> None:
             client = Client(server, session)
             await client.register("default", "web", "web-1", address="10.1.2.3", ttl=30)
             assert await client.wait_cache(
-                lambda: ("default", "web") in server.cache.state.services
+                lambda: ("default", "web") in server.registry.services()
             )
-            real_wait = server.cache.wait
+            real_wait = server.registry.wait
 
             async def wait(predicate: Callable[[], bool], seconds: float) -> bool:
                 polling.set()  # the long poll has reached its handler
                 return await real_wait(predicate, seconds)
 
-            server.cache.wait = wait  # type: ignore[method-assign]
-            path = f"/v1/services/default/web?index={server.cache.revision}&wait=30s"
+            server.registry.wait = wait  # type: ignore[method-assign]
+            path = f"/v1/services/default/web?index={server.registry.revision}&wait=30s"
             long_poll = asyncio.create_task(client.request("GET", path))
             async with asyncio.timeout(5):
                 await polling.wait()

@@ -96,7 +96,7 @@ async def registered(client: Client) -> Client:
     await client.register("default", "web6", "web6-1", address="fd00::1", ttl=30)
     server = client.server
     assert await client.wait_cache(
-        lambda: all(("default", s) in server.cache.state.services for s in ("web", "web6"))
+        lambda: all(("default", s) in server.registry.services() for s in ("web", "web6"))
     )
     return client
 

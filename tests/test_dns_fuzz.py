@@ -86,12 +86,12 @@ class ThreadedServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with run_server(make_config()) as server:
-            await server.cache.wait(lambda: server.cache.synced, 5)
+            await server.registry.wait(lambda: server.registry.synced, 5)
             async with aiohttp.ClientSession() as session:
                 client = Client(server, session)
                 await client.register("default", "web", "web-1", address=ADDRESS, ttl=3600)
                 assert await client.wait_cache(
-                    lambda: ("default", "web") in server.cache.state.services
+                    lambda: ("default", "web") in server.registry.services()
                 )
             self.dns_address = server.dns_address
             self.ready.set()

@@ -34,7 +34,7 @@ def serving() -> ClientFactory:
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[Client]:
         async with run_server(make_config(**overrides)) as server:
-            await server.cache.wait(lambda: server.cache.synced, 5)
+            await server.registry.wait(lambda: server.registry.synced, 5)
             async with aiohttp.ClientSession() as session:
                 client = Client(server, session)
                 await client.register("default", "web", "web-1", address=ADDRESS, ttl=60)
@@ -45,7 +45,7 @@ def serving() -> ClientFactory:
 
 
 def visible(server: Server, service: str) -> int:
-    return len(server.cache.state.services.get(("default", service), {}))
+    return len(server.registry.instances(("default", service)))
 
 
 def query(name: str = SERVICE, rdtype: str = "A", qid: int | None = None) -> dns.message.Message:

@@ -19,10 +19,11 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from dns_support import DnsCache
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from discovery.cache import Cache, DnsSettings
+from discovery.dns.answers import DnsSettings
 from discovery.dns.resolver import Resolver
 from discovery.model import InstanceKey, Registration, encode_registration
 from discovery.store.base import Event, EventType, Snapshot
@@ -69,14 +70,14 @@ REGISTRY = _registry()
 
 
 def make_resolver() -> Resolver:
-    cache = Cache(DnsSettings(ZONES, 5, 7), PREFIX)
+    cache = DnsCache(DnsSettings(ZONES, 5, 7), PREFIX)
     cache.load(Snapshot(1000, []))
     events = []
     for rev, (ns, svc, inst, spec) in enumerate(REGISTRY, 1001):
         key = InstanceKey(ns, svc, inst).store_key(PREFIX)
         events.append(Event(EventType.PUT, key, encode_registration(Registration(**spec)), rev, 9))
     cache.apply(events)
-    return Resolver(cache)
+    return cache.resolver()
 
 
 RESOLVER = make_resolver()

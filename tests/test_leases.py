@@ -25,17 +25,17 @@ WEB_1 = f"web-1.{WEB}"
 async def short() -> AsyncIterator[Client]:
     """A server that accepts one-second leases."""
     async with run_server(make_config(min_ttl=1)) as server, aiohttp.ClientSession() as session:
-        assert await server.cache.wait(lambda: server.cache.synced, 5)
+        assert await server.registry.wait(lambda: server.registry.synced, 5)
         yield Client(server, session)
 
 
 def live(client: Client, name: str = "web-1") -> bool:
-    return name in client.server.cache.state.services.get(("default", "web"), {})
+    return name in client.server.registry.instances(("default", "web"))
 
 
 async def settle(client: Client) -> None:
     revision = await client.server.store.revision()
-    assert await client.wait_cache(lambda: client.server.cache.revision >= revision)
+    assert await client.wait_cache(lambda: client.server.registry.revision >= revision)
 
 
 def ttls(response: dns.message.Message) -> dict[int, int]:
@@ -70,7 +70,7 @@ async def test_heartbeats_keep_the_instance(short: Client) -> None:
     ttl = 2
     first = await short.register("default", "web", "web-1", expect=201, address="10.0.0.1", ttl=ttl)
     assert await short.wait_cache(lambda: live(short))
-    revision = short.server.cache.revision
+    revision = short.server.registry.revision
     deadline = time.monotonic() + 3 * ttl
     beats = 0
     while time.monotonic() < deadline:
@@ -81,7 +81,7 @@ async def test_heartbeats_keep_the_instance(short: Client) -> None:
         beats += 1
     assert beats >= 10
     assert live(short)
-    assert short.server.cache.revision == revision, "the instance was deleted and re-added"
+    assert short.server.registry.revision == revision, "the instance was deleted and re-added"
     assert await short.addresses(WEB_1) == {"10.0.0.1"}
     assert await short.addresses(WEB) == {"10.0.0.1"}
 
@@ -162,7 +162,7 @@ async def test_soa_serial_increases_with_each_change(short: Client) -> None:
         await settle(short)
         serials.append(await serial(short))
         assert serials[-1] > serials[-2], serials
-        assert serials[-1] == short.server.cache.revision % 2**32
+        assert serials[-1] == short.server.registry.revision % 2**32
 
     await short.register("default", "web", "web-1", expect=201, address="10.0.0.1", ttl=1)
     await changed()

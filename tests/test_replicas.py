@@ -54,7 +54,7 @@ def fqdn(ns: str, svc: str, inst: str | None = None) -> str:
 
 
 def live(client: Client, ns: str, svc: str, inst: str) -> bool:
-    return inst in client.server.cache.state.services.get((ns, svc), {})
+    return inst in client.server.registry.instances((ns, svc))
 
 
 def report(what: str, seconds: float) -> None:
@@ -88,7 +88,7 @@ async def replica(
 
 async def synced(*clients: Client, within: float = 10.0) -> None:
     for client in clients:
-        assert await client.wait_cache(lambda c=client: c.server.cache.synced, within), (
+        assert await client.wait_cache(lambda c=client: c.server.registry.synced, within), (
             "the replica never finished its first load"
         )
 
@@ -141,13 +141,13 @@ def etcd_records(snapshot: Snapshot) -> set[Record]:
 
 
 def cache_records(client: Client) -> set[Record]:
-    state = client.server.cache.state
+    registry = client.server.registry
     records = {
         (ns, svc, name, i.spec.address, _ports(i.spec), i.lease, i.revision)
-        for (ns, svc), instances in state.services.items()
+        for (ns, svc), instances in registry.services().items()
         for name, i in instances.items()
     }
-    assert len(state.keys) == len(records), "the key index and the services disagree"
+    assert registry.instance_count() == len(records), "the indexes disagree"
     return records
 
 
@@ -162,7 +162,7 @@ async def in_sync(clients: Iterable[Client], etcd: EtcdStore, within: float = 15
     while True:
         snapshot = await etcd.load(instances_prefix(PREFIX))
         for client in clients:
-            cache = client.server.cache
+            cache = client.server.registry
             target = snapshot.revision
             reached = await cache.wait(
                 lambda c=cache, r=target: c.revision >= r, max(0.0, deadline - loop.time())
@@ -171,7 +171,7 @@ async def in_sync(clients: Iterable[Client], etcd: EtcdStore, within: float = 15
                 f"replica at revision {cache.revision}, etcd at {snapshot.revision}, "
                 f"store healthy={cache.store_healthy}"
             )
-        if all(c.server.cache.revision == snapshot.revision for c in clients):
+        if all(c.server.registry.revision == snapshot.revision for c in clients):
             break
         assert loop.time() < deadline, "etcd kept changing while the replicas were compared"
     expected = etcd_records(snapshot)
@@ -355,7 +355,7 @@ async def test_etcd_down_replicas_serve_stale_then_resume(
         assert body["seconds_since_store_contact"] is not None
         assert await metric(client, "discovery_store_up") == 0
         assert await metric(client, "discovery_store_last_contact_seconds") > 0
-        assert await metric(client, "discovery_watch_revision") == client.server.cache.revision
+        assert await metric(client, "discovery_watch_revision") == client.server.registry.revision
         # every write needs etcd: 503 with Retry-After, never a 500
         await assert_unavailable(client, "PUT", path("prod", "api", "api-9"),
                                  json={"address": "10.1.0.9"})  # fmt: skip
@@ -674,7 +674,7 @@ async def test_compaction_while_cut_off_reloads_and_matches_etcd(
         assert await answer(b, fqdn("shop", "cart", "moved")) == (dns.rcode.NOERROR, {"10.2.0.3"})
 
         # a long poll on B on a service that changed while B was cut off: the reload wakes it
-        index = b.server.cache.revision
+        index = b.server.registry.revision
         poll = asyncio.create_task(
             b.request("GET", f"/v1/services/shop/cart?index={index}&wait=20s")
         )
@@ -742,7 +742,7 @@ async def test_long_poll_on_a_service_gone_in_a_reload_wakes(
         assert status == 204
         await a.register("shop", "new", "new-1", expect=201, address="10.3.0.2", ttl=60)
         await etcd.compact(await etcd.revision())
-        index = b.server.cache.revision
+        index = b.server.registry.revision
         poll = asyncio.create_task(
             b.request("GET", f"/v1/services/shop/old?index={index}&wait=20s")
         )
@@ -873,7 +873,7 @@ async def check_dns(clients: Iterable[Client], snapshot: Snapshot, rng: random.R
     for client in clients:
         response = await client.query(ZONE, "SOA")
         serial = response.answer[0][0].serial
-        assert snapshot.revision <= serial <= client.server.cache.revision, serial
+        assert snapshot.revision <= serial <= client.server.registry.revision, serial
         for key in sample:
             spec = held.get(key)
             if spec is None:
@@ -980,7 +980,7 @@ async def random_workload(
         compacted = await etcd.revision()
         await etcd.compact(compacted)
         await work.run(10, through=(a,))
-        assert b.server.cache.revision < compacted
+        assert b.server.registry.revision < compacted
         proxy.restore()
         await check(f"{round_}: B cut off, etcd restart, compaction", started)
         assert b.server.watcher.reloads == reloads + 1
@@ -993,7 +993,7 @@ async def random_workload(
     snapshot = await etcd.load(instances_prefix(PREFIX))
     assert snapshot.items == []
     for client in pair:
-        assert client.server.cache.state.services == {}
+        assert client.server.registry.services() == {}
         assert (await client.query(fqdn("alpha", "api"))).rcode() == dns.rcode.NXDOMAIN
     reloads = (a.server.watcher.reloads, b.server.watcher.reloads)
     total = time.monotonic() - test_started

@@ -22,8 +22,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
+from dns_support import DnsCache
 
-from discovery.cache import Cache, DnsSettings
+from discovery.dns.answers import DnsSettings
 from discovery.dns.resolver import Resolver
 from discovery.model import InstanceKey, Registration, encode_registration
 from discovery.store.base import Event, EventType, Snapshot
@@ -93,8 +94,8 @@ def make_cache(
     registry: Iterable[Reg] = REGISTRY,
     zones: tuple[str, ...] = (Z, Z2),
     load_rev: int = LOAD_REV,
-) -> Cache:
-    cache = Cache(DnsSettings(zones, DNS_TTL, NEG_TTL), PREFIX)
+) -> DnsCache:
+    cache = DnsCache(DnsSettings(zones, DNS_TTL, NEG_TTL), PREFIX)
     cache.load(Snapshot(load_rev, []))
     cache.apply([put(reg, load_rev + 1 + i) for i, reg in enumerate(registry)])
     return cache
@@ -102,7 +103,7 @@ def make_cache(
 
 @pytest.fixture(scope="module")
 def resolver() -> Resolver:
-    return Resolver(make_cache())
+    return make_cache().resolver()
 
 
 # query building and response reading (dnspython only)
@@ -619,7 +620,7 @@ def test_rd_and_cd_are_echoed(resolver: Resolver, flags: int) -> None:
 
 
 def test_ra_set_when_recursion_is_offered() -> None:
-    resolver = Resolver(make_cache(REGISTRY[:3]), recursion=True)
+    resolver = make_cache(REGISTRY[:3]).resolver(recursion=True)
     for qname in (WEB, f"nope.{Z}", "example.com"):
         assert ask(resolver, query(qname, "A")).flags & dns.flags.RA
 
@@ -630,7 +631,7 @@ def test_ra_set_when_recursion_is_offered() -> None:
 def test_soa_serial_is_revision_mod_2_32() -> None:
     load_rev = 2**32 + 40
     cache = make_cache(REGISTRY[:1], load_rev=load_rev)
-    resolver = Resolver(cache)
+    resolver = cache.resolver()
     response = ask(resolver, query(Z, "SOA"))
     assert records(response.answer) == {soa(serial=41)}
     negative = ask(resolver, query(f"nope.{Z}", "A", edns=0))
@@ -639,7 +640,7 @@ def test_soa_serial_is_revision_mod_2_32() -> None:
 
 def test_serial_follows_changes_and_deletes() -> None:
     cache = make_cache(REGISTRY[:3])
-    resolver = Resolver(cache)
+    resolver = cache.resolver()
     rev = LOAD_REV + 3
     assert records(ask(resolver, query(Z, "SOA")).answer) == {soa(serial=rev)}
     key = InstanceKey("default", "web", "a").store_key(PREFIX)
@@ -655,7 +656,7 @@ def test_serial_follows_changes_and_deletes() -> None:
 
 def test_last_instance_gone_makes_namespace_nxdomain() -> None:
     cache = make_cache(REGISTRY[4:6])  # prod/api x and y
-    resolver = Resolver(cache)
+    resolver = cache.resolver()
     assert ask(resolver, query(f"prod.svc.{Z}", "A")).rcode() == dns.rcode.NOERROR
     rev = LOAD_REV + 2
     cache.apply(
@@ -676,8 +677,8 @@ def test_last_instance_gone_makes_namespace_nxdomain() -> None:
 
 
 def test_servfail_until_first_load() -> None:
-    cache = Cache(DnsSettings((Z,), DNS_TTL, NEG_TTL), PREFIX)
-    resolver = Resolver(cache)
+    cache = DnsCache(DnsSettings((Z,), DNS_TTL, NEG_TTL), PREFIX)
+    resolver = cache.resolver()
     assert not cache.synced
     for qname, qtype in ((WEB, "A"), (Z, "SOA"), (f"nope.{Z}", "A"), (reverse("10.0.0.1"), "PTR")):
         wire = query(qname, qtype).to_wire()

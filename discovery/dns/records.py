@@ -17,9 +17,25 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 A, NS, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 6, 12, 16, 28, 33, 41, 255
+IXFR, AXFR = 251, 252
 IN = 1
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
+
+# The one table of the record types answers are stored for, in the order ANY picks one
+# (RFC 8482: a minimal answer), with their wire form (the type field of a question).
+STORED_TYPES = (A, AAAA, SRV, PTR, TXT, SOA, NS)
+TYPE_WIRE = {t: t.to_bytes(2, "big") for t in STORED_TYPES}
+ZONE_TRANSFERS = (IXFR, AXFR)
+RCODE_NAMES = {
+    NOERROR: "NOERROR",
+    FORMERR: "FORMERR",
+    SERVFAIL: "SERVFAIL",
+    NXDOMAIN: "NXDOMAIN",
+    NOTIMP: "NOTIMP",
+    REFUSED: "REFUSED",
+    BADVERS: "BADVERS",
+}
 EDNS_PAYLOAD = 1232
 
 # The OPT record of every EDNS answer: root owner, type 41, our payload size, version 0.

@@ -1,4 +1,4 @@
-"""The resolver: a function of (query bytes, cache state) to response bytes.
+"""The resolver: a function of (query bytes, pre-encoded answers) to response bytes.
 
 `answer` first tries the fast path, which serves the common query shape (one question,
 class IN, at most one OPT record, an answer that fits) from pre-encoded bytes without
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from dnslib import EDNS0, DNSHeader, DNSLabel, DNSRecord
 from dnslib import RR as LibRR
 
-from ..cache import Cache, Zone
+from .answers import Answers, Zone
 from .records import (
-    AAAA,
     ANY,
     BADVERS,
     EDNS_PAYLOAD,
@@ -26,18 +25,15 @@ from .records import (
     IN,
     NOERROR,
     NOTIMP,
-    NS,
     NXDOMAIN,
     OPT,
     OPT_RECORD,
     PACKED_HEAD,
-    PTR,
     REFUSED,
     SERVFAIL,
-    SOA,
-    SRV,
-    TXT,
-    A,
+    STORED_TYPES,
+    TYPE_WIRE,
+    ZONE_TRANSFERS,
     turned,
 )
 from .records import counts as record_counts
@@ -46,11 +42,9 @@ UDP_MIN = 512
 TCP_MAX = 65535
 _IN = b"\x00\x01"
 _QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
-_ANY_ORDER = (A, AAAA, SRV, PTR, TXT, SOA, NS)
-_ZONE_TRANSFER = (251, 252)  # IXFR, AXFR
 _ZONE_MEMO_SIZE = 65536  # names remembered with their zone, for negative answers
 _EMPTY, _EMPTY_EDNS = record_counts(0, 0, 0), record_counts(0, 0, 1)  # a truncated answer
-_ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in _ZONE_TRANSFER)
+_ZONE_TRANSFER_WIRE = tuple(t.to_bytes(2, "big") for t in ZONE_TRANSFERS)
 
 
 def _flag_table(rcode: int, aa: bool, ra: bool, tc: bool = False) -> tuple[bytes, ...]:
@@ -75,8 +69,8 @@ class Stats:
 
 
 class Resolver:
-    def __init__(self, cache: Cache, recursion: bool = False) -> None:
-        self.cache = cache
+    def __init__(self, answers: Answers, recursion: bool = False) -> None:
+        self.answers = answers
         self.recursion = recursion
         self.stats = Stats()
         self._ok = _flag_table(NOERROR, True, recursion)
@@ -124,10 +118,10 @@ class Resolver:
             limit = max(UDP_MIN, q[qend + 3] << 8 | q[qend + 4])
         else:
             return None
-        cache = self.cache
-        if not cache.synced:
+        answers = self.answers
+        if not answers.synced:
             return None
-        state = cache.state
+        state = answers.state
         question = q[12:qend]
         # One lookup by the question as sent, lower-cased. Lower-casing leaves the class
         # (IN) and every type we store unchanged, so it cannot make a false hit.
@@ -214,7 +208,7 @@ class Resolver:
             i += length + 1
         if i != end:
             return None  # a label holds a zero byte: leave it to the full path
-        for zone in self.cache.state.zones:
+        for zone in self.answers.state.zones:
             cut = len(name) - len(zone.wire)
             if name.endswith(zone.wire) and (cut == 0 or cut + 12 in starts):
                 return zone
@@ -258,13 +252,13 @@ class Resolver:
         if question.qclass != IN:
             return self._finish(reply, query, REFUSED)
         labels = tuple(label.lower() for label in question.qname.label)
-        state = self.cache.state
+        state = self.answers.state
         zone = _zone_of_labels(state.zones, labels)
         if zone is None:
             return self._finish(reply, query, REFUSED)
-        if not self.cache.synced:
+        if not self.answers.synced:
             return self._finish(reply, query, SERVFAIL)
-        if question.qtype in _ZONE_TRANSFER:
+        if question.qtype in ZONE_TRANSFERS:
             return self._finish(reply, query, NOTIMP)
         reply.header.aa = 1
         wire = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
@@ -273,7 +267,7 @@ class Resolver:
             return self._finish(reply, query, NXDOMAIN, limit)
         qtype = question.qtype
         if qtype == ANY:
-            present = (t for t in _ANY_ORDER if wire + t.to_bytes(2, "big") + _IN in state.answers)
+            present = (t for t in STORED_TYPES if wire + TYPE_WIRE[t] + _IN in state.answers)
             qtype = next(present, ANY)
         found = state.answers.get(wire + qtype.to_bytes(2, "big") + _IN) if qtype < 65536 else None
         if found is None:

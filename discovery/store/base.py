@@ -110,9 +110,7 @@ class Store(Protocol):
     async def delete(self, key: bytes) -> KeyValue | None:
         """Delete the key; returns what it held, or None when it did not exist."""
 
-    async def txn(
-        self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]
-    ) -> TxnResult:
+    async def txn(self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]) -> TxnResult:
         """Apply ops atomically, at one new revision, when every key in expect has that
         mod_revision (0: the key must not exist); otherwise change nothing.
 

@@ -131,9 +131,7 @@ class EmbeddedStore:
         self._publish([Event(EventType.DELETE, key, b"", self._revision, 0)])
         return prev
 
-    async def txn(
-        self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]
-    ) -> TxnResult:
+    async def txn(self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]) -> TxnResult:
         self._check_open()
         for key, revision in expect.items():
             current = self._kv.get(key)

@@ -1,0 +1,491 @@
+"""Every DNS answer, pre-encoded, fed by the registry's changes.
+
+`Answers` is a feed of the registry (registry.py): on a full load it builds a new
+`AnswerState` and swaps it in whole; on a batch it rebuilds only the names the batch
+touched. Each source of names is a `NameSource`: services (and their instances and SRV
+names), reverse names (PTR) and container names. A new source is one more entry in
+`SOURCES`, not one more branch here. The resolver reads `Answers.state`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..model import Instance, InstanceKey
+from ..net.records import Attachment
+from .records import (
+    AAAA,
+    NS,
+    PTR,
+    RR,
+    SOA,
+    SRV,
+    TXT,
+    TYPE_WIRE,
+    A,
+    Answer,
+    Negative,
+    Packed,
+    Soa,
+    SrvTarget,
+    address_bytes,
+    name_to_wire,
+    with_serial,
+)
+
+if TYPE_CHECKING:
+    from ..registry import Changes, ContainerName, Registry, ServiceKey
+
+REVERSE_ZONES = ("in-addr.arpa", "ip6.arpa")
+DNS_SCHEMA_VERSION = "1.1.0"
+MAX_PTR_TARGETS = 16
+IN_WIRE = b"\x00\x01"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    zones: tuple[str, ...]
+    dns_ttl: int
+    negative_ttl: int
+    ns_address: str | None = None  # glue for ns.dns.<zone> when the listener has one
+
+
+@dataclass(slots=True)
+class Zone:
+    name: str
+    wire: bytes
+    negative: Negative
+
+    @property
+    def labels(self) -> tuple[bytes, ...]:
+        return tuple(label.encode() for label in self.name.split("."))
+
+
+@dataclass
+class AnswerState:
+    """Everything one registry revision answers with. Mutated only by `Answers`."""
+
+    settings: DnsSettings
+    zones: list[Zone] = field(default_factory=list)
+    names: dict[bytes, Zone] = field(default_factory=dict)  # every name that exists
+    # the question as it is on the wire (name lower-cased, type, class IN) -> its answer
+    answers: dict[bytes, Packed] = field(default_factory=dict)
+    # the same key -> Answer.cuts, for the answers with additional records
+    cuts: dict[bytes, tuple[int, ...]] = field(default_factory=dict)
+    revision: int = 0
+    # names owned by a source's key (an instance, a service, an address, a container)
+    _owned: dict[object, list[bytes]] = field(default_factory=dict)
+    _ent_refs: dict[bytes, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for zone_name in (*self.settings.zones, *REVERSE_ZONES):
+            zone = Zone(zone_name, name_to_wire(zone_name), self._negative(zone_name))
+            self.zones.append(zone)
+        self.zones.sort(key=lambda z: -len(z.wire))
+        self.zones_by_name = {zone.name: zone for zone in self.zones}
+        self.forward = [self.zones_by_name[name] for name in self.settings.zones]
+        self.apex = self.forward[0]
+        self._build_static()
+
+    # zone data
+
+    def zone_of(self, name: str) -> Zone | None:
+        for zone in self.zones:
+            if name == zone.name or name.endswith("." + zone.name):
+                return zone
+        return None
+
+    def ttl(self, lease_ttl: int) -> int:
+        return min(self.settings.dns_ttl, lease_ttl)
+
+    def _soa(self, zone: str) -> RR:
+        settings = self.settings
+        apex = settings.zones[0]
+        soa = Soa(
+            f"ns.dns.{apex}",
+            f"hostmaster.{apex}",
+            self.revision % 2**32,
+            minimum=settings.negative_ttl,
+        )
+        return RR(zone, SOA, settings.negative_ttl, soa)
+
+    def _negative(self, zone: str) -> Negative:
+        return Negative.build(self._soa(zone))
+
+    def _build_static(self) -> None:
+        ttl = self.settings.dns_ttl
+        for zone in self.zones:
+            self.set(zone.name, zone, self._apex_types(zone), self._apex_glue())
+            if zone.name in REVERSE_ZONES:
+                continue
+            glue = self._ns_records(zone.name)
+            self.set(f"ns.dns.{zone.name}", zone, {rr.rtype: (rr,) for rr in glue})
+            for empty in ("dns", "svc", "net"):
+                self.set(f"{empty}.{zone.name}", zone, {})
+            version = f"dns-version.{zone.name}"
+            self.set(version, zone, {TXT: (RR(version, TXT, ttl, (DNS_SCHEMA_VERSION,)),)})
+
+    def _apex_types(self, zone: Zone) -> dict[int, tuple[RR, ...]]:
+        return {
+            SOA: (self._soa(zone.name),),
+            NS: (RR(zone.name, NS, self.settings.dns_ttl, f"ns.dns.{self.apex.name}"),),
+        }
+
+    def _ns_records(self, zone: str) -> tuple[RR, ...]:
+        """The A/AAAA of ns.dns.<zone>, when the listener names one address."""
+        address = self.settings.ns_address
+        if not address:
+            return ()
+        rtype = AAAA if ":" in address else A
+        return (RR(f"ns.dns.{zone}", rtype, self.settings.dns_ttl, address),)
+
+    def _apex_glue(self) -> dict[int, tuple[RR, ...]]:
+        return {NS: self._ns_records(self.settings.zones[0])}
+
+    def finish(self, revision: int) -> None:
+        """Stamp the revision: SOA serials and negative answers carry it. Both end with the
+        zone's SOA record, so the new serial is written over the old one in place."""
+        self.revision = revision
+        serial = revision % 2**32
+        soa_key = TYPE_WIRE[SOA] + IN_WIRE
+        for zone in self.zones:
+            zone.negative = zone.negative.with_serial(serial)
+            key = zone.wire + soa_key
+            apex = self.answers[key]
+            assert isinstance(apex, bytes)
+            self.answers[key] = with_serial(apex, serial)
+
+    # names: every name belongs to one owner, empty non-terminals are reference-counted
+
+    def set(
+        self,
+        name: str,
+        zone: Zone,
+        types: dict[int, tuple[RR, ...]],
+        additional: dict[int, tuple[RR, ...]] | None = None,
+    ) -> bytes:
+        """A name with records of any type, through the general encoder."""
+        extra = additional or {}
+        answers = {
+            TYPE_WIRE[t]: Answer.build(name, rrs, extra.get(t, ())) for t, rrs in types.items()
+        }
+        return self.node(name_to_wire(name), zone, answers)
+
+    def node(self, wire: bytes, zone: Zone, types: dict[bytes, Answer]) -> bytes:
+        """A name with pre-built answers by type (wire); replaces what it had."""
+        self._drop(wire)
+        self.names[wire] = zone
+        for qtype, answer in types.items():
+            key = wire + qtype + IN_WIRE
+            self.answers[key] = answer.packed()
+            if answer.cuts:
+                self.cuts[key] = answer.cuts
+        return wire
+
+    def own(self, owner: object, names: list[bytes]) -> None:
+        self._owned[owner] = names
+
+    def release(self, owner: object) -> None:
+        for wire in self._owned.pop(owner, ()):
+            if wire in self._ent_refs:
+                self._ent_refs[wire] -= 1
+                if self._ent_refs[wire] == 0:
+                    del self._ent_refs[wire]
+                    del self.names[wire]
+            else:
+                self._drop(wire)
+
+    def _drop(self, wire: bytes) -> None:
+        if self.names.pop(wire, None) is not None:
+            for qtype in TYPE_WIRE.values():
+                key = wire + qtype + IN_WIRE
+                if self.answers.pop(key, None) is not None:
+                    self.cuts.pop(key, None)
+
+    def ent(self, name: str, zone: Zone) -> bytes:
+        """Hold an empty non-terminal (b"" for a static name, which is never released)."""
+        wire = name_to_wire(name)
+        count = self._ent_refs.get(wire, 0)
+        if count == 0:
+            if wire in self.names:  # a static name (svc.<zone>): never released
+                return b""
+            self.names[wire] = zone
+        self._ent_refs[wire] = count + 1
+        return wire
+
+
+class NameSource(Protocol):
+    """One kind of registry record turned into DNS names."""
+
+    def keys(self, registry: Registry) -> Iterable[object]:
+        """Every key this source has names for (a full build)."""
+
+    def touched(self, changes: Changes) -> Iterable[object]:
+        """The keys a batch changed."""
+
+    def build(self, state: AnswerState, registry: Registry, key: object) -> None:
+        """Release the names of key and build them again from the registry."""
+
+
+class Answers:
+    """The registry feed that owns the pre-encoded answers."""
+
+    def __init__(self, settings: DnsSettings, sources: Iterable[NameSource] = ()) -> None:
+        self.settings = settings
+        self.sources = list(sources) or [
+            InstanceNames(),
+            ServiceNames(),
+            ReverseNames(),
+            ContainerNames(),
+        ]
+        self.state = AnswerState(settings)
+        self.synced = False
+
+    def reset(self, registry: Registry) -> None:
+        state = AnswerState(self.settings)
+        for source in self.sources:
+            for key in source.keys(registry):
+                source.build(state, registry, key)
+        state.finish(registry.revision)
+        self.state = state
+        self.synced = True
+
+    def update(self, registry: Registry, changes: Changes) -> None:
+        state = self.state
+        for source in self.sources:
+            for key in source.touched(changes):
+                source.build(state, registry, key)
+        state.finish(changes.revision)
+
+
+# the sources
+
+
+def _label(text: str) -> bytes:
+    raw = text.encode("ascii")
+    return bytes((len(raw),)) + raw
+
+
+def _service_wire(service: ServiceKey, zone: Zone) -> bytes:
+    ns, svc = service
+    return _label(svc) + _label(ns) + b"\x03svc" + zone.wire
+
+
+def _container_wire(container: ContainerName, zone: Zone) -> bytes:
+    network, name = container
+    return _label(name) + _label(network) + b"\x03net" + zone.wire
+
+
+def instance_name(key: InstanceKey, zone: str) -> str:
+    return f"{key.name}.{key.service}.{key.namespace}.svc.{zone}"
+
+
+class ServiceNames:
+    """<svc>.<ns>.svc.Z (A/AAAA, SRV), <inst>.<svc>.<ns>.svc.Z, _<port>._<proto>.<svc>…"""
+
+    def keys(self, registry: Registry) -> Iterable[object]:
+        return list(registry.services())
+
+    def touched(self, changes: Changes) -> Iterable[object]:
+        return changes.services
+
+    def build(self, state: AnswerState, registry: Registry, key: object) -> None:
+        service: ServiceKey = key  # type: ignore[assignment]
+        state.release(("service", service))
+        instances = sorted(registry.instances(service).values(), key=lambda i: i.key.name)
+        if not instances:
+            return
+        by_type: dict[int, list[Instance]] = defaultdict(list)
+        by_port: dict[tuple[str, str], list[tuple[Instance, int]]] = defaultdict(list)
+        for instance in instances:
+            by_type[address_bytes(instance.spec.address)[0]].append(instance)
+            for port in instance.spec.ports:
+                by_port[(port.name, port.protocol)].append((instance, port.port))
+        all_ports = sorted(
+            (pair for pairs in by_port.values() for pair in pairs),
+            key=lambda pair: (pair[0].key.name, pair[1]),
+        )
+        owned: list[bytes] = []
+        for zone in state.forward:
+            base = _service_wire(service, zone)
+            types = {
+                TYPE_WIRE[rtype]: Answer.addresses(
+                    min(state.ttl(i.spec.ttl) for i in group), [i.spec.address for i in group]
+                )
+                for rtype, group in by_type.items()
+            }
+            all_targets = self._targets(state, all_ports, base)
+            if all_targets:
+                types[TYPE_WIRE[SRV]] = _srv(base, all_targets)
+            owned.append(state.node(base, zone, types))
+            protocols = set()
+            for (port_name, protocol), pairs in sorted(by_port.items()):
+                wire = _label(f"_{port_name}") + _label(f"_{protocol}") + base
+                # one named port (the usual case): the same targets as the service name's
+                targets = all_targets if pairs == all_ports else self._targets(state, pairs, base)
+                owned.append(state.node(wire, zone, {TYPE_WIRE[SRV]: _srv(wire, targets)}))
+                protocols.add(protocol)
+            for protocol in sorted(protocols):
+                owned.append(state.node(_label(f"_{protocol}") + base, zone, {}))
+            if ent := state.ent(f"{service[0]}.svc.{zone.name}", zone):
+                owned.append(ent)
+        state.own(("service", service), owned)
+
+    @staticmethod
+    def _targets(
+        state: AnswerState, pairs: list[tuple[Instance, int]], base: bytes
+    ) -> list[SrvTarget]:
+        targets = [
+            SrvTarget(
+                (spec := instance.spec).priority,
+                spec.weight,
+                port,
+                _label(instance.key.name) + base,
+                spec.address,
+                state.ttl(spec.ttl),
+            )
+            for instance, port in pairs
+        ]
+        # one port number under two protocols is one SRV record (RFC 2181 5: no duplicates)
+        return list(dict.fromkeys(targets))
+
+
+class InstanceNames:
+    """<inst>.<svc>.<ns>.svc.Z: one instance's address (rebuilt alone: a change to one
+    instance of a large service costs one name here)."""
+
+    def keys(self, registry: Registry) -> Iterable[object]:
+        return [i.key for instances in registry.services().values() for i in instances.values()]
+
+    def touched(self, changes: Changes) -> Iterable[object]:
+        return changes.instances
+
+    def build(self, state: AnswerState, registry: Registry, key: object) -> None:
+        instance_key: InstanceKey = key  # type: ignore[assignment]
+        state.release(instance_key)
+        instance = registry.instance(instance_key)
+        if instance is None:
+            return
+        rtype = address_bytes(instance.spec.address)[0]
+        answer = {
+            TYPE_WIRE[rtype]: Answer.addresses(
+                state.ttl(instance.spec.ttl), [instance.spec.address]
+            )
+        }
+        label = _label(instance_key.name)
+        state.own(
+            instance_key,
+            [
+                state.node(label + _service_wire(instance_key.service_key, zone), zone, answer)
+                for zone in state.forward
+            ],
+        )
+
+
+def _srv(qname: bytes, targets: list[SrvTarget]) -> Answer:
+    return Answer.services(qname, min(t.ttl for t in targets), targets)
+
+
+def _holder_order(holder: Instance | Attachment) -> tuple[int, str, str, str]:
+    if isinstance(holder, Attachment):
+        return (0, holder.network, holder.name, holder.container_id)
+    key = holder.key
+    return (1, key.namespace, key.service, key.name)
+
+
+class ReverseNames:
+    """PTR for every address an instance or a container holds."""
+
+    def keys(self, registry: Registry) -> Iterable[object]:
+        addresses: set[str] = set()
+        for instances in registry.services().values():
+            addresses.update(i.spec.address for i in instances.values())
+        for name in registry.containers():
+            addresses.update(a.address for a in registry.container(name).values())
+        return addresses
+
+    def touched(self, changes: Changes) -> Iterable[object]:
+        return changes.addresses
+
+    def build(self, state: AnswerState, registry: Registry, key: object) -> None:
+        address: str = key  # type: ignore[assignment]
+        state.release(("address", address))
+        holders = registry.holders(address)
+        if not holders:
+            return
+        reverse = _reverse_name(address)
+        zone = state.zone_of(reverse)
+        assert zone is not None
+        apex = state.apex
+        # Many instances may share a node's address: name the first few in name order
+        # (the same on every replica, however their updates arrived), so the answer stays
+        # small and a change costs one pass over the holders, not a sort.
+        named = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_holder_order)
+        ttl = min(_holder_ttl(state, h) for h in named)
+        if len(named) == 1:
+            answer = Answer.pointers(ttl, [_holder_wire(named[0], apex)])
+        else:  # several targets share a suffix: the general encoder compresses them
+            records = tuple(RR(reverse, PTR, ttl, _holder_name(h, apex.name)) for h in named)
+            answer = Answer.build(reverse, records)
+        owned = [state.node(name_to_wire(reverse), zone, {TYPE_WIRE[PTR]: answer})]
+        labels = reverse.split(".")
+        for depth in range(1, len(labels) - len(zone.name.split("."))):
+            if wire := state.ent(".".join(labels[depth:]), zone):
+                owned.append(wire)
+        state.own(("address", address), owned)
+
+
+def _holder_ttl(state: AnswerState, holder: Instance | Attachment) -> int:
+    return state.settings.dns_ttl if isinstance(holder, Attachment) else state.ttl(holder.spec.ttl)
+
+
+def _holder_wire(holder: Instance | Attachment, zone: Zone) -> bytes:
+    if isinstance(holder, Attachment):
+        return _container_wire(holder.container, zone)
+    return _label(holder.key.name) + _service_wire(holder.key.service_key, zone)
+
+
+def _holder_name(holder: Instance | Attachment, zone: str) -> str:
+    if isinstance(holder, Attachment):
+        return f"{holder.name}.{holder.network}.net.{zone}"
+    return instance_name(holder.key, zone)
+
+
+def _reverse_name(address: str) -> str:
+    if ":" in address:
+        return ipaddress.ip_address(address).reverse_pointer
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa"
+
+
+class ContainerNames:
+    """<name>.<net>.net.Z: A/AAAA of every attachment with that name in the network."""
+
+    def keys(self, registry: Registry) -> Iterable[object]:
+        return list(registry.containers())
+
+    def touched(self, changes: Changes) -> Iterable[object]:
+        return changes.containers
+
+    def build(self, state: AnswerState, registry: Registry, key: object) -> None:
+        container: ContainerName = key  # type: ignore[assignment]
+        state.release(("container", container))
+        attachments = registry.container(container)
+        if not attachments:
+            return
+        addresses = sorted({a.address for a in attachments.values()})
+        by_type: dict[int, list[str]] = defaultdict(list)
+        for address in addresses:
+            by_type[address_bytes(address)[0]].append(address)
+        ttl = state.settings.dns_ttl
+        owned = []
+        for zone in state.forward:
+            types = {TYPE_WIRE[t]: Answer.addresses(ttl, group) for t, group in by_type.items()}
+            owned.append(state.node(_container_wire(container, zone), zone, types))
+            if ent := state.ent(f"{container[0]}.net.{zone.name}", zone):
+                owned.append(ent)
+        state.own(("container", container), owned)

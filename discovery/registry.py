@@ -1,0 +1,342 @@
+"""The registry: indexes of everything the watch delivers, behind accessors.
+
+The watcher hands it a full load (`load`) or batches of events (`apply`). It decodes each
+store key into a record, keeps the indexes the API and the metrics read (instances by
+service, networks, node blocks, attachments), and tells its feeds what changed: the DNS
+answer builder (dns/answers.py) is one, the overlay programmer another. Both calls run
+without awaiting, so readers always see one revision. Waiters (long polls, read-your-writes)
+wake when a change lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from .model import Instance, InstanceKey, decode_registration
+from .net.records import Attachment, Block, Network, NetworkKeys, attachment_instance
+from .store.base import Event, EventType, KeyValue, Snapshot
+
+log = logging.getLogger(__name__)
+
+ServiceKey = tuple[str, str]
+ContainerName = tuple[str, str]  # (network, name)
+_EMPTY: Mapping[str, Instance] = {}
+K = TypeVar("K")
+S = TypeVar("S")
+V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one batch touched: each feed rebuilds only these."""
+
+    revision: int = 0
+    instances: set[InstanceKey] = field(default_factory=set)
+    services: set[ServiceKey] = field(default_factory=set)
+    addresses: set[str] = field(default_factory=set)
+    containers: set[ContainerName] = field(default_factory=set)
+    networks: set[str] = field(default_factory=set)
+    blocks: set[str] = field(default_factory=set)  # networks whose node blocks changed
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.services or self.addresses or self.containers or self.networks or self.blocks
+        )
+
+
+class Feed(Protocol):
+    """A consumer of the registry's changes (the DNS answers, the overlay)."""
+
+    def reset(self, registry: Registry) -> None:
+        """Rebuild everything from the registry (after a full load)."""
+
+    def update(self, registry: Registry, changes: Changes) -> None:
+        """Rebuild what `changes` names; the registry is at changes.revision."""
+
+
+class Registry:
+    """Every record of one store revision, and the signals around it."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.revision = 0
+        self.synced = False  # the first full load has finished
+        self.store_healthy = False
+        self.last_contact = 0.0  # monotonic time of the last word from the store
+        self.closed = False
+        self._feeds: list[Feed] = []
+        self._changed: asyncio.Future[None] | None = None
+        self._keys = NetworkKeys(prefix)
+        self._clear()
+
+    def _clear(self) -> None:
+        # instances: registered ones, and those that attachments with a service make
+        self._registered: dict[ServiceKey, dict[str, Instance]] = {}
+        self._derived: dict[ServiceKey, dict[str, Instance]] = {}
+        self._services: dict[ServiceKey, dict[str, Instance]] = {}  # registered over derived
+        self._instance_keys: dict[bytes, InstanceKey] = {}
+        self._service_revision: dict[ServiceKey, int] = {}
+        # who holds an address: instances by key, attachments by store key
+        self._by_address: dict[str, dict[object, Instance | Attachment]] = {}
+        self._networks: dict[str, Network] = {}
+        self._blocks: dict[str, dict[str, Block]] = {}  # network -> cidr -> block
+        self._attachments: dict[str, dict[bytes, Attachment]] = {}  # network -> key -> it
+        self._containers: dict[ContainerName, dict[bytes, Attachment]] = {}
+
+    # feeds and waiting
+
+    def subscribe(self, feed: Feed) -> None:
+        self._feeds.append(feed)
+        if self.synced:
+            feed.reset(self)
+
+    def mark_contact(self, healthy: bool) -> None:
+        self.store_healthy = healthy
+        if healthy:
+            self.last_contact = time.monotonic()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the server is shutting down."""
+        self.closed = True
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() holds or the timeout passes; returns predicate()."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.closed:
+                return False
+            if self._changed is None:
+                self._changed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
+
+    # accessors: instances
+
+    def services(self) -> Mapping[ServiceKey, Mapping[str, Instance]]:
+        """Every service with at least one live instance."""
+        return self._services
+
+    def instances(self, service: ServiceKey) -> Mapping[str, Instance]:
+        return self._services.get(service, _EMPTY)
+
+    def instance(self, key: InstanceKey) -> Instance | None:
+        return self._services.get(key.service_key, _EMPTY).get(key.name)
+
+    def registered(self, key: InstanceKey) -> Instance | None:
+        """The instance registered over the API under key (not one an attachment makes)."""
+        return self._registered.get(key.service_key, _EMPTY).get(key.name)
+
+    def derived(self, key: InstanceKey) -> Instance | None:
+        """The instance an attachment with a service makes under key."""
+        return self._derived.get(key.service_key, _EMPTY).get(key.name)
+
+    def has_instance_key(self, store_key: bytes) -> bool:
+        return store_key in self._instance_keys
+
+    def service_revision(self, service: ServiceKey) -> int:
+        """The revision of the service's last change (0: never seen)."""
+        return self._service_revision.get(service, 0)
+
+    def instance_count(self) -> int:
+        return sum(len(instances) for instances in self._services.values())
+
+    def holders(self, address: str) -> Mapping[object, Instance | Attachment]:
+        """Instances and attachments holding address (for PTR)."""
+        return self._by_address.get(address, {})
+
+    # accessors: networks
+
+    def networks(self) -> Mapping[str, Network]:
+        return self._networks
+
+    def network(self, name: str) -> Network | None:
+        return self._networks.get(name)
+
+    def blocks(self, network: str) -> Mapping[str, Block]:
+        return self._blocks.get(network, {})
+
+    def attachments(self, network: str) -> Mapping[bytes, Attachment]:
+        return self._attachments.get(network, {})
+
+    def attachment(self, network: str, container_id: str, ifname: str) -> Attachment | None:
+        key = self._keys.attachment(network, container_id, ifname)
+        return self._attachments.get(network, {}).get(key)
+
+    def container(self, name: ContainerName) -> Mapping[bytes, Attachment]:
+        """Attachments answering at <name>.<network>.net.<zone>."""
+        return self._containers.get(name, {})
+
+    def containers(self) -> Iterable[ContainerName]:
+        return self._containers.keys()
+
+    # updates
+
+    def load(self, snapshot: Snapshot) -> None:
+        """Replace everything with a full load taken at one revision."""
+        known = self._services.keys() | self._service_revision.keys()
+        self._clear()
+        changes = Changes(snapshot.revision)
+        for kv in snapshot.items:
+            self._put(kv, changes)
+        # Every service known before or after may have changed: long polls on any wake.
+        for service in known | self._services.keys():
+            self._service_revision[service] = snapshot.revision
+        self.revision = snapshot.revision
+        self.synced = True
+        for feed in self._feeds:
+            feed.reset(self)
+        self._notify()
+
+    def apply(self, events: Iterable[Event]) -> None:
+        changes = Changes(self.revision)
+        for event in events:
+            if event.mod_revision <= self.revision:
+                continue  # already part of the loaded state
+            changes.revision = max(changes.revision, event.mod_revision)
+            if event.type is EventType.PUT:
+                kv = KeyValue(event.key, event.value, event.mod_revision, event.lease)
+                self._put(kv, changes)
+            else:
+                self._delete(event.key, event.mod_revision, changes)
+        if changes.revision == self.revision:
+            return
+        self.revision = changes.revision
+        for feed in self._feeds:
+            feed.update(self, changes)
+        self._notify()
+
+    def _put(self, kv: KeyValue, changes: Changes) -> None:
+        self._delete(kv.key, kv.mod_revision, changes)
+        kind = self._keys.kind(kv.key)
+        if kind == "instances":
+            self._put_instance(kv, changes)
+        elif kind == "networks":
+            network = Network.decode(self._keys, kv)
+            if network is not None:
+                self._networks[network.name] = network
+                changes.networks.add(network.name)
+                return
+        elif kind == "subnets":
+            block = Block.decode(self._keys, kv)
+            if block is not None:
+                self._blocks.setdefault(block.network, {})[block.cidr] = block
+                changes.blocks.add(block.network)
+                return
+        elif kind == "attachments":
+            attachment = Attachment.decode(self._keys, kv)
+            if attachment is not None:
+                self._put_attachment(attachment, changes)
+                return
+        elif kind == "addresses":
+            return  # an allocation guard: the attachment carries the address
+        if kind != "instances":
+            log.warning("ignoring store key %r: not a record of this version", kv.key)
+
+    def _put_instance(self, kv: KeyValue, changes: Changes) -> None:
+        key = InstanceKey.from_store_key(self.prefix, kv.key)
+        spec = decode_registration(kv.value) if key is not None else None
+        if key is None or spec is None:
+            log.warning("ignoring store key %r: not an instance record", kv.key)
+            return
+        instance = Instance(key, spec, kv.lease, kv.mod_revision)
+        self._instance_keys[kv.key] = key
+        self._registered.setdefault(key.service_key, {})[key.name] = instance
+        self._show(key, changes)
+
+    def _put_attachment(self, attachment: Attachment, changes: Changes) -> None:
+        self._attachments.setdefault(attachment.network, {})[attachment.key] = attachment
+        self._containers.setdefault(attachment.container, {})[attachment.key] = attachment
+        self._by_address.setdefault(attachment.address, {})[attachment.key] = attachment
+        changes.containers.add(attachment.container)
+        changes.addresses.add(attachment.address)
+        changes.networks.add(attachment.network)
+        instance = attachment_instance(attachment)
+        if instance is not None:
+            self._derived.setdefault(instance.key.service_key, {})[instance.key.name] = instance
+            self._show(instance.key, changes)
+
+    def _show(self, key: InstanceKey, changes: Changes) -> None:
+        """Make _services[key] what _registered or else _derived holds, and index it."""
+        service = key.service_key
+        old = self._services.get(service, _EMPTY).get(key.name)
+        new = self._registered.get(service, _EMPTY).get(key.name) or self._derived.get(
+            service, _EMPTY
+        ).get(key.name)
+        if old is new:
+            return
+        if old is not None:
+            holders = self._by_address[old.spec.address]
+            del holders[key]
+            if not holders:
+                del self._by_address[old.spec.address]
+            changes.addresses.add(old.spec.address)
+            del self._services[service][key.name]
+            if not self._services[service]:
+                del self._services[service]
+        if new is not None:
+            self._services.setdefault(service, {})[key.name] = new
+            self._by_address.setdefault(new.spec.address, {})[key] = new
+            changes.addresses.add(new.spec.address)
+        changes.instances.add(key)
+        changes.services.add(service)
+        self._service_revision[service] = max(changes.revision, self.revision)
+
+    def _delete(self, store_key: bytes, revision: int, changes: Changes) -> None:
+        key = self._instance_keys.pop(store_key, None)
+        if key is not None:
+            _pop(self._registered, key.service_key, key.name)
+            self._show(key, changes)
+            return
+        kind = self._keys.kind(store_key)
+        if kind == "attachments":
+            network = self._keys.network_of(store_key)
+            attachment = self._attachments.get(network, {}).pop(store_key, None)
+            if attachment is None:
+                return
+            if not self._attachments[network]:
+                del self._attachments[network]
+            _pop(self._containers, attachment.container, store_key)
+            _pop(self._by_address, attachment.address, store_key)
+            changes.containers.add(attachment.container)
+            changes.addresses.add(attachment.address)
+            changes.networks.add(network)
+            instance = attachment_instance(attachment)
+            if instance is not None:
+                _pop(self._derived, instance.key.service_key, instance.key.name)
+                self._show(instance.key, changes)
+        elif kind == "networks":
+            name = self._keys.network_of(store_key)
+            if self._networks.pop(name, None) is not None:
+                changes.networks.add(name)
+        elif kind == "subnets":
+            network = self._keys.network_of(store_key)
+            cidr = self._keys.block_of(store_key)
+            if _pop(self._blocks, network, cidr) is not None:
+                changes.blocks.add(network)
+
+
+def _pop(index: dict[K, dict[S, V]], outer: K, inner: S) -> V | None:
+    """Remove index[outer][inner], and index[outer] when it is left empty."""
+    found = index.get(outer)
+    if found is None:
+        return None
+    value = found.pop(inner, None)
+    if not found:
+        del index[outer]
+    return value
