@@ -26,6 +26,7 @@ from .model import (
     encode_registration,
     is_label,
 )
+from .net.ipam import Ipam
 from .openapi import openapi_document
 from .registry import Registry
 from .store.base import LeaseNotFound, Store, StoreUnavailable
@@ -46,6 +47,7 @@ class Context:
     store: Store
     registry: Registry
     metrics: Metrics
+    ipam: Ipam | None = None
 
 
 CONTEXT = web.AppKey("context", Context)
@@ -78,7 +80,7 @@ class Problem(Exception):
         )
 
 
-def _invalid(errors: list[dict[str, str]]) -> Problem:
+def invalid(errors: list[dict[str, str]]) -> Problem:
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return Problem(400, "Invalid request", detail, errors)
 
@@ -134,11 +136,11 @@ def _key(request: web.Request, with_instance: bool = True) -> InstanceKey:
         if not is_label(value)
     ]
     if errors:
-        raise _invalid(errors)
+        raise invalid(errors)
     return InstanceKey(parts["namespace"], parts["service"], parts.get("name", ""))
 
 
-async def _body(request: web.Request) -> Any:
+async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes")
     try:
@@ -146,32 +148,34 @@ async def _body(request: web.Request) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes") from None
     if not raw:
-        raise _invalid([{"field": "body", "message": "a JSON object is required"}])
+        raise invalid([{"field": "body", "message": "a JSON object is required"}])
     try:
         return json.loads(raw)
     except RecursionError:
-        raise _invalid([{"field": "body", "message": "invalid JSON: nested too deeply"}]) from None
+        raise invalid([{"field": "body", "message": "invalid JSON: nested too deeply"}]) from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise _invalid([{"field": "body", "message": f"invalid JSON: {error}"}]) from None
+        raise invalid([{"field": "body", "message": f"invalid JSON: {error}"}]) from None
+
+
+def validation_errors(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {
+            "field": ".".join(str(p) for p in e["loc"]) or "body",
+            "message": "unknown field" if e["type"] == "extra_forbidden" else e["msg"],
+        }
+        for e in error.errors()
+    ]
 
 
 def _validate(data: Any, config: Config) -> Registration:
     if not isinstance(data, dict):
-        raise _invalid([{"field": "body", "message": "must be a JSON object"}])
+        raise invalid([{"field": "body", "message": "must be a JSON object"}])
     try:
         spec = Registration.model_validate(data)
     except ValidationError as error:
-        raise _invalid(
-            [
-                {
-                    "field": ".".join(str(p) for p in e["loc"]) or "body",
-                    "message": "unknown field" if e["type"] == "extra_forbidden" else e["msg"],
-                }
-                for e in error.errors()
-            ]
-        ) from None
+        raise invalid(validation_errors(error)) from None
     if not config.min_ttl <= spec.ttl <= config.max_ttl:
-        raise _invalid(
+        raise invalid(
             [{"field": "ttl", "message": f"must be between {config.min_ttl} and {config.max_ttl}"}]
         )
     return spec
@@ -204,7 +208,7 @@ def _instance_body(instance: Instance, remaining: int | None = None) -> dict[str
 async def register(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
-    spec = _validate(await _body(request), ctx.config)
+    spec = _validate(await read_json(request), ctx.config)
     store_key = key.store_key(ctx.config.etcd_prefix)
     value = encode_registration(spec)
     lease = await ctx.store.grant(spec.ttl)
@@ -304,7 +308,7 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
             unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
             wait = min(MAX_WAIT, float(match.group(1)) * unit)
     if errors:
-        raise _invalid(errors)
+        raise invalid(errors)
     return index, wait
 
 
@@ -369,6 +373,7 @@ async def readyz(request: web.Request) -> web.Response:
         "store": "ok" if registry.store_healthy else "degraded",
         "revision": registry.revision,
         "seconds_since_store_contact": None if since is None else round(since, 3),
+        "node": request.app[CONTEXT].config.node,
     }
     return web.json_response(body, status=200 if registry.synced else 503)
 
@@ -385,9 +390,13 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def create_app(context: Context) -> web.Application:
+def create_app(
+    context: Context, *more_routes: Callable[[web.Application], None]
+) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
     app[CONTEXT] = context
+    for add_routes in more_routes:
+        add_routes(app)
     base = "/v1/services/{ns}/{svc}"
     app.router.add_put(base + "/instances/{inst}", register)
     app.router.add_put(base + "/instances/{inst}/heartbeat", heartbeat)

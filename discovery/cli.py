@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +62,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
     ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
     ("--log-level", _log_level, "info", "debug, info, warning or error"),
+    ("--node", str, None, "this node's name for container networking (default: the host name)"),
+    ("--node-ip", str, None, "this node's underlay address (needed for the vxlan backend)"),
+    ("--node-ttl", int, 60, "seconds a node's blocks and attachments outlive the node"),
 ]
 
 
@@ -115,6 +119,8 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         values["dns"] = HostPort.parse(values["dns"])
     if isinstance(values["http"], str):
         values["http"] = HostPort.parse(values["http"])
+    if values["node"] is None:
+        values["node"] = socket.gethostname().split(".")[0].lower()
     return Config(
         zones=tuple(normalize_zone(z) for z in zones), etcd=etcd, upstream=upstream, **values
     )

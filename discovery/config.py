@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,11 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def is_node_name(text: str) -> bool:
+    """A node name as store keys carry it (a host name, or anything like one)."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}", text) is not None
+
+
 def normalize_zone(zone: str) -> str:
     name = zone.strip().strip(".").lower()
     labels = name.split(".")
@@ -75,6 +81,9 @@ class Config:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1024
     log_level: str = "info"
+    node: str = "node"
+    node_ip: str | None = None
+    node_ttl: int = 60
 
     def __post_init__(self) -> None:
         if not self.zones:
@@ -98,6 +107,17 @@ class Config:
             raise ConfigError("--workers must be at least 1")
         if self.tcp_idle_timeout <= 0 or self.tcp_max_connections < 1:
             raise ConfigError("TCP idle timeout and connection cap must be positive")
+        if not is_node_name(self.node):
+            raise ConfigError(
+                f"--node {self.node!r}: use letters, digits, '-', '_' and '.' (1-253 characters)"
+            )
+        if self.node_ip is not None:
+            try:
+                ipaddress.ip_address(self.node_ip)
+            except ValueError:
+                raise ConfigError(f"--node-ip {self.node_ip!r} is not an IP address") from None
+        if not 5 <= self.node_ttl <= 3600:
+            raise ConfigError("--node-ttl must be between 5 and 3600 seconds")
         for upstream in self.upstream:
             try:
                 ipaddress.ip_address(upstream.host)

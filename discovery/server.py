@@ -17,8 +17,10 @@ from .dns.resolver import Resolver
 from .dns.transport import TcpConnections, open_listeners
 from .metrics import Metrics
 from .model import records_prefix
+from .net import routes as network_routes
+from .net.ipam import Ipam
 from .registry import Registry
-from .store.base import Store
+from .store.base import Store, StoreUnavailable
 from .store.embedded import EmbeddedStore
 from .watcher import Watcher
 from .workers import FeedServer, Supervisor
@@ -69,6 +71,7 @@ class Server:
         self.registry.subscribe(self.answers)
         self.resolver = Resolver(self.answers)
         self.watcher = Watcher(self.store, self.registry, records_prefix(config.etcd_prefix))
+        self.ipam = Ipam(self.store, self.registry, config.node, config.node_ip, config.node_ttl)
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
         self.http_address: tuple[str, int] = (config.http.host, config.http.port)
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,8 +107,10 @@ class Server:
             self.metrics.watch(
                 self.registry, self.answers, self.watcher, self.resolver.stats, self._connections
             )
-            context = Context(config, self.store, self.registry, self.metrics)
-            self._runner = web.AppRunner(create_app(context), access_log=None, shutdown_timeout=5)
+            context = Context(config, self.store, self.registry, self.metrics, self.ipam)
+            app = create_app(context, network_routes.add_routes)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+            self._tasks.append(asyncio.create_task(self._adopt_node_lease(), name="node-lease"))
             await self._runner.setup()
             site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
             await site.start()
@@ -142,6 +147,7 @@ class Server:
         self.registry.close()  # long polls answer now with what they have
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.ipam.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -151,6 +157,17 @@ class Server:
         self._udp = self._tcp = self._connections = self._runner = None
         self._feed = self._supervisor = None
         self._tasks = []
+
+    async def _adopt_node_lease(self) -> None:
+        """After the first load: a restarted node keeps its blocks (their lease) alive."""
+        await self.registry.wait(lambda: self.registry.synced, 365 * 86400)
+        while self.registry.synced:
+            try:
+                await self.ipam.lease.adopt()
+                return
+            except StoreUnavailable as error:
+                log.warning("cannot renew this node's lease yet (%s): retrying", error)
+                await asyncio.sleep(1.0)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -1,0 +1,443 @@
+"""Address management in the store: node leases, node blocks, attachments.
+
+Correctness comes from store transactions, never from locks: a node's block is created
+only if its key is absent, and an attachment only if both its key and its address's key
+are absent (and the network is unchanged), so any number of allocators on any number of
+nodes never hand out one address twice. The in-process state (a round-robin cursor per
+block, addresses being tried right now) only makes collisions rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..model import InstanceKey, is_label
+from ..registry import Registry
+from ..store.base import Delete, LeaseNotFound, Put, Store, StoreError, StoreUnavailable
+from .records import (
+    Attachment,
+    AttachmentRequest,
+    Block,
+    Network,
+    NetworkKeys,
+    NetworkSpec,
+)
+
+log = logging.getLogger(__name__)
+
+VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's registry to show it
+ATTEMPTS = 64  # transactions one call tries before giving up (collisions with other nodes)
+
+
+class IpamError(Exception):
+    """A refusal the API answers with `status` (problem+json)."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def vtep_mac(node: str, network: str) -> str:
+    """A stable, locally administered unicast MAC for the node's VTEP in the network."""
+    digest = hashlib.sha256(f"{node}/{network}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+class NodeLease:
+    """This node's lease: every block, attachment and address key of the node is bound
+    to it. Granted on first need, adopted again after a restart while it is still alive,
+    renewed at a third of its TTL."""
+
+    def __init__(self, store: Store, registry: Registry, node: str, ttl: int) -> None:
+        self.store = store
+        self.registry = registry
+        self.node = node
+        self.ttl = ttl
+        self.id = 0
+        self._lock = asyncio.Lock()
+        self._renewing: asyncio.Task[None] | None = None
+
+    def _held(self) -> Iterator[int]:
+        for network in self.registry.networks():
+            for block in self.registry.blocks(network).values():
+                if block.node == self.node and block.lease:
+                    yield block.lease
+
+    async def adopt(self) -> None:
+        """After the first load: keep the lease of this node's blocks alive, if any."""
+        if any(True for _ in self._held()):
+            await self.get()
+
+    async def get(self) -> int:
+        if self.id:
+            return self.id
+        async with self._lock:
+            if self.id:
+                return self.id
+            for lease in dict.fromkeys(self._held()):
+                try:
+                    await self.store.keepalive(lease)
+                except LeaseNotFound:
+                    continue
+                log.info("node %s took its lease %x over", self.node, lease)
+                self.id = lease
+                break
+            else:
+                self.id = await self.store.grant(self.ttl)
+                log.info("node %s holds lease %x (ttl %d s)", self.node, self.id, self.ttl)
+            if self._renewing is None or self._renewing.done():
+                self._renewing = asyncio.create_task(self._renew(), name="node-lease")
+            return self.id
+
+    def lost(self, lease: int) -> None:
+        """The store says the lease is gone: the next call grants a new one."""
+        if self.id == lease:
+            log.warning("node %s lost its lease %x: its keys are gone", self.node, lease)
+            self.id = 0
+
+    async def _renew(self) -> None:
+        interval = max(1.0, self.ttl / 3)
+        while self.id:
+            await asyncio.sleep(interval)
+            lease = self.id
+            if not lease:
+                return
+            try:
+                await self.store.keepalive(lease)
+                interval = max(1.0, self.ttl / 3)
+            except LeaseNotFound:
+                self.lost(lease)
+                return
+            except StoreUnavailable as error:
+                log.warning("node lease renewal failed (%s): retrying", error)
+                interval = 1.0
+            except StoreError:
+                return  # the store is closed
+
+    async def close(self) -> None:
+        """Stop renewing; the lease stays, so a restart within its TTL takes it over."""
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    body: dict[str, Any]
+    created: bool
+
+
+def attachment_body(attachment: Attachment, network: Network, block: str | None) -> dict[str, Any]:
+    """What an attachment call answers: the address and how to plumb it (SPEC.md)."""
+    subnet = ipaddress.ip_network(block) if block else None
+    address = ipaddress.ip_address(attachment.address)
+    if subnet is None or address not in subnet:
+        # the block is gone from this replica's view (its node died): describe the address
+        # within a block of the network's node_prefix
+        subnet = ipaddress.ip_network(f"{address}/{network.spec.node_prefix}", strict=False)
+    gateway = str(next(subnet.hosts()))
+    body: dict[str, Any] = {
+        "network": attachment.network,
+        "container_id": attachment.container_id,
+        "ifname": attachment.ifname,
+        "address": attachment.address,
+        "prefix_len": subnet.prefixlen,
+        "gateway": gateway,
+        "routes": [{"dst": network.spec.subnet, "gw": gateway}],
+        "subnet": subnet.with_prefixlen,
+        "mtu": network.spec.mtu,
+        "node": attachment.node,
+        "name": attachment.name,
+    }
+    if attachment.service is not None:
+        body["service"] = attachment.service.model_dump(exclude_none=True)
+    return body
+
+
+class Ipam:
+    """Networks, this node's blocks and its attachments, written through the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        node: str,
+        node_ip: str | None,
+        node_ttl: int,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.node = node
+        self.node_ip = node_ip or ""
+        self.keys = NetworkKeys(registry.prefix)
+        self.lease = NodeLease(store, registry, node, node_ttl)
+        self._cursor: dict[str, int] = {}  # block -> offset of the last address handed out
+        self._trying: set[tuple[str, str]] = set()  # (network, address) in a transaction now
+        self._block_locks: dict[str, asyncio.Lock] = {}
+
+    async def _visible(self, revision: int) -> None:
+        registry = self.registry
+        await registry.wait(lambda: registry.revision >= revision, VISIBLE_WAIT)
+
+    # networks
+
+    async def put_network(self, name: str, spec: NetworkSpec) -> tuple[Network, bool]:
+        spec = spec.checked()
+        for _ in range(ATTEMPTS):
+            current = self.registry.network(name)
+            if current is not None and self.registry.attachments(name):
+                old = current.spec
+                if (old.subnet, old.node_prefix) != (spec.subnet, spec.node_prefix):
+                    raise IpamError(
+                        409,
+                        "Network in use",
+                        f"network {name} has attachments: its subnet and node_prefix cannot "
+                        "change until they are gone",
+                    )
+            expect = {self.keys.network(name): current.revision if current else 0}
+            result = await self.store.txn(expect, [Put(self.keys.network(name), spec.encode())])
+            if result.succeeded:
+                await self._visible(result.revision)
+                return Network(name, spec, result.revision), current is None
+            await self._catch_up()
+        raise StoreUnavailable(f"network {name} kept changing under this write")
+
+    async def delete_network(self, name: str) -> bool:
+        for _ in range(ATTEMPTS):
+            current = self.registry.network(name)
+            if current is None:
+                return False
+            if self.registry.attachments(name):
+                count = len(self.registry.attachments(name))
+                raise IpamError(409, "Network in use", f"network {name} has {count} attachment(s)")
+            ops: list[Put | Delete] = [Delete(self.keys.network(name))]
+            ops += [Delete(self.keys.block(name, cidr)) for cidr in self.registry.blocks(name)]
+            result = await self.store.txn({self.keys.network(name): current.revision}, ops)
+            if result.succeeded:
+                await self._visible(result.revision)
+                return True
+            await self._catch_up()
+        raise StoreUnavailable(f"network {name} kept changing under this delete")
+
+    async def _catch_up(self) -> None:
+        """After a failed transaction: let this replica see what beat us."""
+        await self._visible(await self.store.revision())
+
+    # blocks
+
+    def my_block(self, network: str) -> Block | None:
+        for block in self.registry.blocks(network).values():
+            if block.node == self.node and block.lease == self.lease.id:
+                return block
+        return None
+
+    async def _block(self, network: Network, lease: int) -> Block:
+        lock = self._block_locks.setdefault(network.name, asyncio.Lock())
+        async with lock:
+            block = self.my_block(network.name)
+            if block is not None:
+                return block
+            subnet = ipaddress.ip_network(network.spec.subnet)
+            taken = self.registry.blocks(network.name)
+            # a restarted node whose lease ended asks for its old block first
+            previous = [
+                cidr for cidr, b in taken.items() if b.node == self.node and b.lease != lease
+            ]
+            candidates = previous + [
+                block.with_prefixlen
+                for block in subnet.subnets(new_prefix=network.spec.node_prefix)
+                if block.with_prefixlen not in taken
+            ]
+            value = Block.encode(self.node, self.node_ip, vtep_mac(self.node, network.name))
+            for cidr in candidates:
+                key = self.keys.block(network.name, cidr)
+                current = taken.get(cidr)
+                expect = {key: current.revision if current is not None else 0}
+                result = await self.store.txn(expect, [Put(key, value, lease)])
+                if result.succeeded:
+                    await self._visible(result.revision)
+                    log.info("node %s leased block %s of %s", self.node, cidr, network.name)
+                    return Block(
+                        network.name,
+                        cidr,
+                        self.node,
+                        self.node_ip,
+                        vtep_mac(self.node, network.name),
+                        lease,
+                        result.revision,
+                    )
+            raise IpamError(
+                507,
+                "No free block",
+                f"network {network.name} ({network.spec.subnet}) has no free "
+                f"/{network.spec.node_prefix} block for node {self.node}",
+            )
+
+    # attachments
+
+    async def attach(
+        self, network_name: str, container_id: str, ifname: str, request: AttachmentRequest
+    ) -> Attached:
+        name = request.name or container_id[:12].lower()
+        if not is_label(name):
+            raise IpamError(
+                400,
+                "Invalid request",
+                f"name: the container ID does not start with a DNS label ({name!r}); give a name",
+            )
+        for _ in range(ATTEMPTS):
+            network = self.registry.network(network_name)
+            if network is None:
+                raise IpamError(404, "Network not found", f"no network {network_name}")
+            existing = self.registry.attachment(network_name, container_id, ifname)
+            if existing is not None:
+                return Attached(self._body(existing, network), False)
+            self._check_name(network_name, name, container_id, ifname, request)
+            lease = await self.lease.get()
+            try:
+                block = await self._block(network, lease)
+                attached = await self._allocate(network, block, container_id, ifname, name, request)
+            except LeaseNotFound:
+                self.lease.lost(lease)
+                continue
+            if attached is not None:
+                return attached
+            await self._catch_up()
+        raise StoreUnavailable(f"could not allocate in {network_name}: too many collisions")
+
+    def _check_name(
+        self, network: str, name: str, container_id: str, ifname: str, request: AttachmentRequest
+    ) -> None:
+        key = self.keys.attachment(network, container_id, ifname)
+        if any(k != key for k in self.registry.container((network, name))):
+            raise IpamError(
+                409, "Name in use", f"another container answers at {name}.{network}.net already"
+            )
+        if request.service is not None:
+            ref = request.service
+            instance = InstanceKey(ref.namespace, ref.service, ref.instance or name)
+            if self.registry.registered(instance) is not None:
+                raise IpamError(
+                    409,
+                    "Instance in use",
+                    f"{instance.name} of {ref.service}.{ref.namespace} is registered already",
+                )
+
+    def _free(self, network: str, block: ipaddress.IPv4Network) -> Iterator[tuple[int, str]]:
+        """Offsets and addresses of the block not in use, from after the cursor, round robin;
+        never the network, gateway (first host) or broadcast address."""
+        used = {a.address for a in self.registry.attachments(network).values()}
+        size = block.num_addresses
+        first, last = 2, size - 2  # .0 network, .1 gateway, last broadcast
+        if last < first:
+            return
+        span = last - first + 1
+        start = self._cursor.get(block.with_prefixlen, first - 1)
+        base = int(block.network_address)
+        for step in range(1, span + 1):
+            offset = first + (start - first + step) % span
+            address = str(ipaddress.IPv4Address(base + offset))
+            if address not in used and (network, address) not in self._trying:
+                yield offset, address
+
+    async def _allocate(
+        self,
+        network: Network,
+        block: Block,
+        container_id: str,
+        ifname: str,
+        name: str,
+        request: AttachmentRequest,
+    ) -> Attached | None:
+        """One attempt: None when a transaction lost a race that a retry may win."""
+        subnet = ipaddress.ip_network(block.cidr)
+        assert isinstance(subnet, ipaddress.IPv4Network)
+        free = self._free(network.name, subnet)
+        picked = next(free, None)
+        if picked is None:
+            raise IpamError(
+                507,
+                "Addresses exhausted",
+                f"network {network.name}: block {block.cidr} of node {self.node} has no "
+                "free address",
+            )
+        offset, address = picked
+        attachment_key = self.keys.attachment(network.name, container_id, ifname)
+        address_key = self.keys.address(network.name, address)
+        value = Attachment.encode(address, self.node, name, request.service)
+        guard = json.dumps({"container_id": container_id, "ifname": ifname}).encode()
+        self._trying.add((network.name, address))
+        try:
+            result = await self.store.txn(
+                {
+                    attachment_key: 0,
+                    address_key: 0,
+                    self.keys.network(network.name): network.revision,
+                    self.keys.block(network.name, block.cidr): block.revision,
+                },
+                [Put(attachment_key, value, block.lease), Put(address_key, guard, block.lease)],
+            )
+        finally:
+            self._trying.discard((network.name, address))
+        if not result.succeeded:
+            return None
+        self._cursor[block.cidr] = offset
+        await self._visible(result.revision)
+        attachment = Attachment(
+            attachment_key,
+            network.name,
+            container_id,
+            ifname,
+            address,
+            self.node,
+            name,
+            request.service,
+            block.lease,
+            result.revision,
+        )
+        return Attached(self._body(attachment, network), True)
+
+    def _body(self, attachment: Attachment, network: Network) -> dict[str, Any]:
+        blocks = self.registry.blocks(network.name)
+        address = ipaddress.ip_address(attachment.address)
+        block = next((c for c in blocks if address in ipaddress.ip_network(c)), None)
+        return attachment_body(attachment, network, block)
+
+    def body(self, attachment: Attachment) -> dict[str, Any] | None:
+        network = self.registry.network(attachment.network)
+        return self._body(attachment, network) if network is not None else None
+
+    async def detach(self, network: str, container_id: str, ifname: str) -> None:
+        """Remove the attachment and free its address; nothing to do when unknown."""
+        key = self.keys.attachment(network, container_id, ifname)
+        for _ in range(ATTEMPTS):
+            kv = await self.store.get(key)
+            if kv is None:
+                return
+            try:
+                address = json.loads(kv.value)["address"]
+            except (ValueError, KeyError, TypeError):
+                address = None
+            ops: list[Put | Delete] = [Delete(key)]
+            if isinstance(address, str):
+                ops.append(Delete(self.keys.address(network, address)))
+            result = await self.store.txn({key: kv.mod_revision}, ops)
+            if result.succeeded:
+                await self._visible(result.revision)
+                return
+        raise StoreUnavailable(f"attachment {container_id}/{ifname} kept changing")
+
+    async def close(self) -> None:
+        await self.lease.close()
