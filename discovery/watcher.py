@@ -10,7 +10,14 @@ import random
 import time
 
 from .registry import Registry
-from .store.base import Compacted, Event, Store, StoreError, StoreUnavailable
+from .store.base import (
+    Compacted,
+    Event,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    being_cancelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +79,8 @@ class Watcher:
                 self._needs_load = True
                 log.warning("watch history compacted (%s): reloading the registry", error)
             except (Exception, asyncio.CancelledError) as error:
-                task = asyncio.current_task()
-                if isinstance(error, asyncio.CancelledError) and (
-                    task is None or task.cancelling()
-                ):
-                    raise  # we are being cancelled; any other CancelledError is a stray one
+                if isinstance(error, asyncio.CancelledError) and being_cancelled():
+                    raise  # any other CancelledError is a stray one
                 if not isinstance(error, StoreError):
                     # A bug, not an outage: start over from a full load rather than die.
                     log.exception("watch failed unexpectedly: reloading the registry")
@@ -107,8 +111,7 @@ class Watcher:
                     queue.put_nowait(batch)
                 queue.put_nowait(None)
             except (Exception, asyncio.CancelledError) as error:
-                task = asyncio.current_task()
-                if isinstance(error, asyncio.CancelledError) and task and task.cancelling():
+                if isinstance(error, asyncio.CancelledError) and being_cancelled():
                     raise
                 queue.put_nowait(error)
 

@@ -19,7 +19,6 @@ import grpc
 import pytest
 from aetcd import rpc
 
-from discovery.store import etcd as etcd_module
 from discovery.store.base import (
     Compacted,
     Delete,
@@ -32,6 +31,7 @@ from discovery.store.base import (
     StoreError,
     StoreUnavailable,
 )
+from discovery.store.connection import EtcdConnection
 from discovery.store.embedded import EmbeddedStore
 from discovery.store.etcd import EtcdStore
 
@@ -543,14 +543,14 @@ async def test_etcd_auth_logs_in_again_when_the_token_expires(
 ) -> None:
     await _enable_auth(auth_etcd_server, "disc", "secret", P)
     logins = 0
-    authenticate = etcd_module._Client.authenticate
+    login = EtcdConnection.login
 
-    async def counting(self: Any) -> None:
+    async def counting(self: EtcdConnection) -> None:
         nonlocal logins
         logins += 1
-        await authenticate(self)
+        await login(self)
 
-    monkeypatch.setattr(etcd_module._Client, "authenticate", counting)
+    monkeypatch.setattr(EtcdConnection, "login", counting)
     async with open_etcd_store(auth_etcd_server, user="disc", password="secret") as store:
         put = await store.put(P + b"a", b"1")
         assert await store.revision() == put.revision

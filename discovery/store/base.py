@@ -7,10 +7,20 @@ a watch from revision R delivers every later put and delete in revision order.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+
+def being_cancelled() -> bool:
+    """Whether the current task is being cancelled, as opposed to having caught a
+    CancelledError that belongs to something else (gRPC cancels the calls of a channel being
+    closed; a future awaited on another task's behalf can be cancelled). The first must
+    propagate; the second is an error like any other."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class StoreError(Exception):

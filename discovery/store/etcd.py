@@ -1,12 +1,12 @@
-"""The etcd store: the Store interface on an etcd v3 cluster, over gRPC with aetcd.
+"""The etcd store: the Store interface on an etcd v3 cluster, over gRPC.
 
-aetcd provides the generated gRPC stubs and the client skeleton; on top of it this module adds
-what a long-running server needs: TLS, a bounded dial, a re-login when the auth token expires,
-rotation over several endpoints, a bound on every call, and a watch that raises instead of
-hanging when etcd dies or stops answering.
+On top of its own connections (connection.py: a grpc.aio channel and aetcd's generated stubs)
+this module adds what a long-running server needs: TLS, a bounded dial, a re-login when the
+auth token expires, rotation over several endpoints, a bound on every call, and a watch that
+raises instead of hanging when etcd dies or stops answering.
 
 Failures map onto the store errors: connection errors and timeouts raise StoreUnavailable
-(never a raw grpc or aetcd exception), "requested lease not found" raises LeaseNotFound and a
+(never a raw grpc exception), "requested lease not found" raises LeaseNotFound and a
 compacted watch start raises Compacted.
 """
 
@@ -15,49 +15,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aetcd
 import grpc
 from aetcd import rpc
 
 from .base import (
     Compacted,
+    Delete,
     Event,
     EventType,
     KeyValue,
     LeaseNotFound,
+    Put,
     PutResult,
     Snapshot,
     StoreError,
     StoreUnavailable,
+    TxnResult,
 )
+from .connection import EtcdConnection, Unauthenticated
 from .leasestream import LeaseStream, StreamUnauthenticated
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# gRPC codes that mean "etcd is unreachable or did not answer": the call may be retried,
-# on another endpoint. etcd itself answers UNAVAILABLE for "no leader" and "request timed out".
-_UNAVAILABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
-)
-_LEASE_NOT_FOUND = "requested lease not found"
 _LOAD_PAGE = 5_000  # keys per Range request when loading a prefix
-_CHANNEL_OPTIONS = {
-    "grpc.max_receive_message_length": 64 * 1024 * 1024,
-    # A restarted etcd is found again quickly (gRPC's default backoff grows to 120 s).
-    "grpc.initial_reconnect_backoff_ms": 500,
-    "grpc.max_reconnect_backoff_ms": 2_000,
-}
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -86,88 +71,21 @@ def _event(event: Any) -> Event:
     return Event(kind, bytes(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.lease))
 
 
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _request_op(op: Put | Delete) -> Any:
+    if isinstance(op, Put):
+        put = rpc.PutRequest(key=op.key, value=op.value, lease=op.lease)
+        return rpc.RequestOp(request_put=put)
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key))
 
 
-class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
-    """aetcd's client with what it lacks: TLS, a dial bounded in time, and re-login.
-
-    connect() follows aetcd.Client.connect (same attributes and stubs) but opens a secure
-    channel when credentials are given, and fails fast when the endpoint refuses.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        username: str | None,
-        password: str | None,
-        timeout: float,
-        credentials: grpc.ChannelCredentials | None,
-    ) -> None:
-        super().__init__(
-            host=host,
-            port=port,
-            username=username,
-            password=password,
-            timeout=timeout,
-            options=dict(_CHANNEL_OPTIONS),
-        )
-        self._credentials = credentials
-        self.watchstub: Any = None
-
-    @property
-    def endpoint(self) -> str:
-        return _target(self._host, self._port)
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        options = list(self._options.items())
-        if self._credentials is not None:
-            self.channel = rpc.secure_channel(self.endpoint, self._credentials, options=options)
-        else:
-            self.channel = rpc.insecure_channel(self.endpoint, options=options)
-        await self._wait_ready()
-        if self._username is not None:
-            await self.authenticate()
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self.watchstub = rpc.WatchStub(self.channel)
-        self._connected.set()
-
-    async def _wait_ready(self) -> None:
-        """Until the channel is connected; raise as soon as a connection attempt fails."""
-        state = self.channel.get_state(try_to_connect=True)
-        while state != grpc.ChannelConnectivity.READY:
-            if state in (
-                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                grpc.ChannelConnectivity.SHUTDOWN,
-            ):
-                raise aetcd.exceptions.ConnectionFailedError(f"cannot connect to {self.endpoint}")
-            await self.channel.wait_for_state_change(state)
-            state = self.channel.get_state(try_to_connect=True)
-
-    async def authenticate(self) -> None:
-        """Log in (again) and use the new token for every later call."""
-        request = rpc.AuthenticateRequest(name=self._username, password=self._password)
-        response = await rpc.AuthStub(self.channel).Authenticate(request, timeout=self._timeout)
-        self.metadata = (("token", response.token),)
-
-    @property
-    def healthy(self) -> bool:
-        """False once the channel has seen its connection fail (etcd died or went away)."""
-        if self.channel is None:
-            return False
-        state = self.channel.get_state()
-        return state not in (
-            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            grpc.ChannelConnectivity.SHUTDOWN,
-        )
+def _unchanged_since(key: bytes, mod_revision: int) -> Any:
+    """The compare "key was last written at mod_revision" (0: the key does not exist)."""
+    return rpc.Compare(
+        key=key,
+        target=rpc.Compare.MOD,
+        result=rpc.Compare.EQUAL,
+        mod_revision=mod_revision,
+    )
 
 
 class EtcdStore:
@@ -218,7 +136,7 @@ class EtcdStore:
                 private_key=Path(key).read_bytes() if key else None,
                 certificate_chain=Path(cert).read_bytes() if cert else None,
             )
-        self._client: _Client | None = None
+        self._client: EtcdConnection | None = None
         self._next = 0  # index of the endpoint to dial first
         self._connect_lock = asyncio.Lock()
         self._closed = False
@@ -227,21 +145,21 @@ class EtcdStore:
 
     # connection
 
-    async def _connection(self) -> _Client:
+    async def _connection(self) -> EtcdConnection:
         self._check_open()
-        client = self._client
-        if client is not None and client.healthy:
-            return client
+        conn = self._client
+        if conn is not None and conn.healthy:
+            return conn
         async with self._connect_lock:
             self._check_open()
-            client = self._client
-            if client is not None:
-                if client.healthy:
-                    return client
-                await self._drop(client)
+            conn = self._client
+            if conn is not None:
+                if conn.healthy:
+                    return conn
+                await self._drop(conn)
             return await self._dial()
 
-    async def _dial(self) -> _Client:
+    async def _dial(self) -> EtcdConnection:
         """Connect to the first endpoint that answers, starting at self._next."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._dial_timeout
@@ -249,125 +167,84 @@ class EtcdStore:
         for attempt in range(len(self._endpoints)):
             index = (self._next + attempt) % len(self._endpoints)
             host, port = self._endpoints[index]
-            client = _Client(
+            conn = EtcdConnection(
                 host,
                 port,
-                username=self._user,
+                credentials=self._credentials,
+                user=self._user,
                 password=self._password,
                 timeout=self._request_timeout,
-                credentials=self._credentials,
             )
             try:
                 async with asyncio.timeout_at(deadline):
-                    await client.connect()
+                    await conn.connect()
             except TimeoutError:
-                errors.append(f"{client.endpoint}: no connection within the dial timeout")
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in _UNAVAILABLE:  # e.g. wrong user or password
-                    await client.close()
-                    raise StoreError(f"etcd {client.endpoint}: {e.details()}") from e
-                errors.append(f"{client.endpoint}: {e.details()}")
-            except aetcd.exceptions.ClientError as e:
+                errors.append(f"{conn.endpoint}: no connection within the dial timeout")
+            except StoreUnavailable as e:
                 errors.append(str(e))
+            except BaseException:  # e.g. wrong user or password
+                await conn.close()
+                raise
             else:
                 if self._closed:
-                    await client.close()
+                    await conn.close()
                     self._check_open()
                 self._next = index
-                self._client = client
-                return client
-            await client.close()
+                self._client = conn
+                return conn
+            await conn.close()
             if loop.time() >= deadline:
                 break
         self._next = (self._next + 1) % len(self._endpoints)
         raise StoreUnavailable("cannot connect to etcd: " + "; ".join(errors))
 
-    def _release(self, client: _Client) -> bool:
+    def _release(self, conn: EtcdConnection) -> bool:
         """Stop using a failed connection (the next call dials the next endpoint); False
         when it was released already."""
-        if self._client is not client:
+        if self._client is not conn:
             return False
         self._client = None
         self._next = (self._next + 1) % len(self._endpoints)
         return True
 
-    async def _drop(self, client: _Client) -> None:
+    async def _drop(self, conn: EtcdConnection) -> None:
         """Forget a failed connection and close it."""
-        self._release(client)
-        await client.close()
+        self._release(conn)
+        await conn.close()
 
-    def _forget(self, client: _Client) -> None:
+    def _forget(self, conn: EtcdConnection) -> None:
         """_drop for callers that cannot await: released at once, closed in the background
         (EtcdStore.close waits for it)."""
-        if self._release(client):
-            closing = asyncio.ensure_future(client.close())
+        if self._release(conn):
+            closing = asyncio.ensure_future(conn.close())
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
-    async def _failure(self, client: _Client, error: grpc.aio.AioRpcError) -> StoreError:
-        """The store error for a failed call, dropping the connection if it is broken."""
-        code, details = error.code(), error.details() or ""
-        if _LEASE_NOT_FOUND in details:
-            return LeaseNotFound(details)
-        if code in _UNAVAILABLE:
-            await self._drop(client)
-            return StoreUnavailable(f"etcd {client.endpoint}: {code.name}: {details}")
-        return StoreError(f"etcd {client.endpoint}: {code.name}: {details}")
+    async def _call(self, op: Callable[[EtcdConnection], Awaitable[T]]) -> T:
+        """Run one request: bounded in time, errors mapped, one re-login on an expired token.
 
-    async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
-        """Run one request: bounded in time, errors mapped, one re-login on an expired token."""
-        client = await self._connection()
+        A connection that failed is closed by its request() and replaced by the next call.
+        """
+        conn = await self._connection()
         relogged = False
         while True:
             try:
-                async with asyncio.timeout(self._request_timeout + 0.5):
-                    return await op(client)
-            except TimeoutError:
-                await self._drop(client)
-                raise StoreUnavailable(
-                    f"etcd {client.endpoint}: no answer within {self._request_timeout} s"
-                ) from None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # we are being cancelled
-                # gRPC cancels the calls of a channel being closed (store closed or rotated)
+                async with conn.request():
+                    return await op(conn)
+            except Unauthenticated:
+                if self._user is None or relogged:
+                    raise
+                relogged = True
+                await conn.login()
+            except StoreUnavailable:
                 self._check_open()
-                raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
-            except grpc.aio.AioRpcError as e:
-                if (
-                    e.code() == grpc.StatusCode.UNAUTHENTICATED
-                    and self._user is not None
-                    and not relogged
-                ):
-                    relogged = True
-                    await self._relogin(client)
-                    continue
-                raise await self._failure(client, e) from e
-
-    async def _relogin(self, client: _Client) -> None:
-        """A new auth token for the connection (the old one expired)."""
-        try:
-            async with asyncio.timeout(self._request_timeout + 0.5):
-                await client.authenticate()
-        except TimeoutError:
-            await self._drop(client)
-            raise StoreUnavailable(f"etcd {client.endpoint}: login timed out") from None
-        except grpc.aio.AioRpcError as e:
-            raise await self._failure(client, e) from e
-
-    def _timeout_args(self, client: _Client) -> dict[str, Any]:
-        return {"timeout": self._request_timeout, "metadata": client.metadata}
+                raise
 
     # leases
 
     async def grant(self, ttl: int) -> int:
-        async def op(c: _Client) -> Any:
-            return await c.leasestub.LeaseGrant(
-                rpc.LeaseGrantRequest(TTL=ttl), **self._timeout_args(c)
-            )
-
-        response = await self._call(op)
+        request = rpc.LeaseGrantRequest(TTL=ttl)
+        response = await self._call(lambda c: c.lease.LeaseGrant(request, **c.call_args))
         if response.error:
             raise StoreError(f"lease grant failed: {response.error}")
         return int(response.ID)
@@ -383,14 +260,14 @@ class EtcdStore:
         """
         relogged = False
         while True:
-            client = await self._connection()
+            conn = await self._connection()
             try:
-                ttl = await self._lease_stream(client).send(lease)
+                ttl = await self._lease_stream(conn).send(lease)
             except StreamUnauthenticated:
                 if self._user is None or relogged:
-                    raise StoreError(f"etcd {client.endpoint}: keepalive unauthenticated") from None
+                    raise StoreError(f"etcd {conn.endpoint}: keepalive unauthenticated") from None
                 relogged = True
-                await self._relogin(client)
+                await conn.login()
                 continue
             except StoreUnavailable:
                 self._check_open()
@@ -399,66 +276,60 @@ class EtcdStore:
                 raise LeaseNotFound(f"lease {lease:x} not found")
             return ttl
 
-    def _lease_stream(self, client: _Client) -> LeaseStream:
+    def _lease_stream(self, conn: EtcdConnection) -> LeaseStream:
         stream = self._keepalives
-        if stream is None or stream.client is not client or stream.broken:
+        if stream is None or stream.client is not conn or stream.broken:
             if stream is not None:
                 stream.close(StoreUnavailable("keepalive stream replaced"))
             stream = self._keepalives = LeaseStream(
-                client,
-                client._host,
-                client._port,
+                conn,
+                conn.host,
+                conn.port,
                 ssl_context=self._ssl,
-                token=client.metadata[0][1] if client.metadata else None,
+                token=conn.token,
                 timeout=self._request_timeout,
-                on_failure=lambda: self._forget(client),
+                on_failure=lambda: self._forget(conn),
             )
         return stream
 
     async def time_to_live(self, lease: int) -> int:
-        async def op(c: _Client) -> Any:
-            return await c.leasestub.LeaseTimeToLive(
-                rpc.LeaseTimeToLiveRequest(ID=lease, keys=False), **self._timeout_args(c)
-            )
-
-        response = await self._call(op)
+        request = rpc.LeaseTimeToLiveRequest(ID=lease, keys=False)
+        response = await self._call(lambda c: c.lease.LeaseTimeToLive(request, **c.call_args))
         if response.TTL < 0:
             raise LeaseNotFound(f"lease {lease:x} not found")
         return int(response.TTL)
 
     async def revoke(self, lease: int) -> None:
-        async def op(c: _Client) -> Any:
-            return await c.leasestub.LeaseRevoke(
-                rpc.LeaseRevokeRequest(ID=lease), **self._timeout_args(c)
-            )
-
-        await self._call(op)
+        request = rpc.LeaseRevokeRequest(ID=lease)
+        await self._call(lambda c: c.lease.LeaseRevoke(request, **c.call_args))
 
     # keys
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> PutResult:
-        async def op(c: _Client) -> Any:
-            request = rpc.PutRequest(key=key, value=value, lease=lease, prev_kv=True)
-            return await c.kvstub.Put(request, **self._timeout_args(c))
-
-        response = await self._call(op)
+        request = rpc.PutRequest(key=key, value=value, lease=lease, prev_kv=True)
+        response = await self._call(lambda c: c.kv.Put(request, **c.call_args))
         prev = _kv(response.prev_kv) if response.HasField("prev_kv") else None
         return PutResult(int(response.header.revision), prev)
 
     async def get(self, key: bytes) -> KeyValue | None:
-        async def op(c: _Client) -> Any:
-            return await c.kvstub.Range(rpc.RangeRequest(key=key), **self._timeout_args(c))
-
-        response = await self._call(op)
+        request = rpc.RangeRequest(key=key)
+        response = await self._call(lambda c: c.kv.Range(request, **c.call_args))
         return _kv(response.kvs[0]) if response.kvs else None
 
     async def delete(self, key: bytes) -> KeyValue | None:
-        async def op(c: _Client) -> Any:
-            request = rpc.DeleteRangeRequest(key=key, prev_kv=True)
-            return await c.kvstub.DeleteRange(request, **self._timeout_args(c))
-
-        response = await self._call(op)
+        request = rpc.DeleteRangeRequest(key=key, prev_kv=True)
+        response = await self._call(lambda c: c.kv.DeleteRange(request, **c.call_args))
         return _kv(response.prev_kvs[0]) if response.prev_kvs else None
+
+    async def txn(self, expect: Mapping[bytes, int], ops: Sequence[Put | Delete]) -> TxnResult:
+        """One etcd Txn: compare each key's mod_revision (0 matches a missing key), then the
+        ops. etcd refuses a key that appears twice in ops (StoreError)."""
+        request = rpc.TxnRequest(
+            compare=[_unchanged_since(key, revision) for key, revision in expect.items()],
+            success=[_request_op(op) for op in ops],
+        )
+        response = await self._call(lambda c: c.kv.Txn(request, **c.call_args))
+        return TxnResult(bool(response.succeeded), int(response.header.revision))
 
     async def load(self, prefix: bytes) -> Snapshot:
         """Every key under the prefix at one revision, in pages pinned to that revision."""
@@ -479,12 +350,11 @@ class EtcdStore:
         raise StoreUnavailable("load: the revision kept being compacted while paging")
 
     async def _range_page(self, start: bytes, end: bytes, revision: int) -> Any:
-        async def op(c: _Client) -> Any:
-            request = rpc.RangeRequest(
-                key=start, range_end=end, revision=revision, limit=_LOAD_PAGE
-            )
+        request = rpc.RangeRequest(key=start, range_end=end, revision=revision, limit=_LOAD_PAGE)
+
+        async def op(c: EtcdConnection) -> Any:
             try:
-                return await c.kvstub.Range(request, **self._timeout_args(c))
+                return await c.kv.Range(request, **c.call_args)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.OUT_OF_RANGE and revision:
                     raise _PageCompacted from e
@@ -497,11 +367,8 @@ class EtcdStore:
 
         Raises StoreUnavailable when the member has no leader (it cannot serve writes).
         """
-
-        async def op(c: _Client) -> Any:
-            return await c.maintenancestub.Status(rpc.StatusRequest(), **self._timeout_args(c))
-
-        response = await self._call(op)
+        request = rpc.StatusRequest()
+        response = await self._call(lambda c: c.maintenance.Status(request, **c.call_args))
         if not response.leader:
             raise StoreUnavailable("etcd has no leader")
         return int(response.header.revision)
@@ -509,12 +376,11 @@ class EtcdStore:
     async def compact(self, revision: int) -> None:
         """Forget history before revision; like the embedded store, an already compacted
         revision is a no-op and a future one compacts up to the current revision."""
+        request = rpc.CompactionRequest(revision=revision)
 
-        async def op(c: _Client) -> bool:
+        async def op(c: EtcdConnection) -> bool:
             try:
-                await c.kvstub.Compact(
-                    rpc.CompactionRequest(revision=revision), **self._timeout_args(c)
-                )
+                await c.kv.Compact(request, **c.call_args)
             except grpc.aio.AioRpcError as e:
                 details = e.details() or ""
                 if e.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
@@ -537,30 +403,18 @@ class EtcdStore:
         and a failed probe raises StoreUnavailable, so a hung etcd cannot stall the watch.
         Ends without error when the store is closed.
         """
-        client = await self._connection()
-        call = await self._open_watch(client, prefix, start_revision)
-        read: asyncio.Future[Any] | None = None
+        conn = await self._connection()
+        call = await self._open_watch(conn, prefix, start_revision)
         try:
             while True:
-                read = asyncio.ensure_future(call.read())
-                done, _ = await asyncio.wait({read}, timeout=self._request_timeout)
-                while not done:
-                    await self._probe(client)
-                    done, _ = await asyncio.wait({read}, timeout=self._request_timeout)
-                if read.cancelled():  # gRPC cancels streams of a channel being closed
-                    if self._closed:
-                        return
-                    raise StoreUnavailable(f"etcd {client.endpoint}: watch stream closed")
                 try:
-                    response = read.result()
-                except grpc.aio.AioRpcError as e:
+                    response = await self._read_watch(conn, call)
+                except StoreError:
                     if self._closed:
                         return
-                    raise await self._failure(client, e) from e
-                finally:
-                    read = None
+                    raise
                 if response is grpc.aio.EOF:
-                    raise StoreUnavailable(f"etcd {client.endpoint}: watch stream ended")
+                    raise StoreUnavailable(f"etcd {conn.endpoint}: watch stream ended")
                 if response.compact_revision:
                     raise Compacted(int(response.compact_revision))
                 if response.canceled:
@@ -568,11 +422,24 @@ class EtcdStore:
                 if response.events:
                     yield [_event(e) for e in response.events]
         finally:
-            if read is not None:
-                read.cancel()
             call.cancel()
 
-    async def _open_watch(self, client: _Client, prefix: bytes, start_revision: int) -> Any:
+    async def _read_watch(self, conn: EtcdConnection, call: Any) -> Any:
+        """The watch stream's next response; the member is probed after every
+        request_timeout of silence (the read itself stays pending: the stream lives on)."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            done, _ = await asyncio.wait({read}, timeout=self._request_timeout)
+            while not done:
+                await self._probe(conn)
+                done, _ = await asyncio.wait({read}, timeout=self._request_timeout)
+        except BaseException:
+            read.cancel()
+            raise
+        async with conn.request("watch", bounded=False):
+            return read.result()
+
+    async def _open_watch(self, conn: EtcdConnection, prefix: bytes, start_revision: int) -> Any:
         """A watch stream whose create request etcd accepted."""
         create = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
@@ -583,34 +450,18 @@ class EtcdStore:
         )
         relogged = False
         while True:
-            metadata = (*(client.metadata or ()), ("hasleader", "true"))
-            call = client.watchstub.Watch(metadata=metadata)
+            metadata = (*(conn.metadata or ()), ("hasleader", "true"))
+            call = conn.watch.Watch(metadata=metadata)
             try:
-                async with asyncio.timeout(self._request_timeout):
+                async with conn.request("watch create"):
                     await call.write(create)
                     response = await call.read()
-            except TimeoutError:
-                call.cancel()
-                await self._drop(client)
-                raise StoreUnavailable(
-                    f"etcd {client.endpoint}: watch not created in time"
-                ) from None
-            except asyncio.CancelledError:
-                call.cancel()
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                self._check_open()
-                raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
-            except grpc.aio.AioRpcError as e:
-                call.cancel()
-                raise await self._failure(client, e) from e
             except BaseException:
                 call.cancel()
                 raise
             if response is grpc.aio.EOF:
                 call.cancel()
-                raise StoreUnavailable(f"etcd {client.endpoint}: watch stream ended")
+                raise StoreUnavailable(f"etcd {conn.endpoint}: watch stream ended")
             if response.created and not response.canceled:
                 return call
             call.cancel()
@@ -619,38 +470,20 @@ class EtcdStore:
             # an expired auth token shows up as "permission denied": log in again, once
             if self._user is not None and not relogged:
                 relogged = True
-                await self._relogin(client)
+                await conn.login()
                 continue
             raise StoreError(f"etcd refused the watch: {response.cancel_reason}")
 
-    async def _probe(self, client: _Client) -> None:
+    async def _probe(self, conn: EtcdConnection) -> None:
         """Raise StoreUnavailable unless etcd answers on the watch's connection."""
-
-        async def op(c: _Client) -> Any:
-            return await c.maintenancestub.Status(rpc.StatusRequest(), **self._timeout_args(c))
-
-        if self._client is not client or client.maintenancestub is None:
-            # another call dropped the connection (aetcd's close() unsets the stubs): the
-            # watch's stream is gone with it
-            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed")
+        if self._client is not conn or conn.closed:
+            # another call dropped the connection: the watch's stream is gone with it
+            raise StoreUnavailable(f"etcd {conn.endpoint}: connection closed")
         try:
-            async with asyncio.timeout(self._request_timeout + 0.5):
-                response = await op(client)
-        except TimeoutError:
-            await self._drop(client)
-            raise StoreUnavailable(f"etcd {client.endpoint}: watch probe timed out") from None
-        except grpc.aio.UsageError:  # the channel is closing
-            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # we are being cancelled
-            # another call timed out and closed the connection: gRPC cancelled this one
-            raise StoreUnavailable(f"etcd {client.endpoint}: connection closed") from None
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                return  # the token expired; the connection itself is fine
-            raise await self._failure(client, e) from e
+            async with conn.request("watch probe"):
+                response = await conn.maintenance.Status(rpc.StatusRequest(), **conn.call_args)
+        except Unauthenticated:
+            return  # the token expired; the connection itself is fine
         if not response.leader:
             raise StoreUnavailable("etcd has no leader")
 
@@ -662,9 +495,9 @@ class EtcdStore:
             self._keepalives.close(StoreError("store is closed"))
             self._keepalives = None
         async with self._connect_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+            conn, self._client = self._client, None
+        if conn is not None:
+            await conn.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
