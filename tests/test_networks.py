@@ -28,6 +28,20 @@ open_etcd_store = etcd_support.open_etcd_store
 _fixtures = (session,)  # imported for pytest
 
 
+async def node_put(
+    session: aiohttp.ClientSession, http: tuple[str, int], path: str, body: Any
+) -> tuple[int, Any]:
+    """A PUT to a node started as a process, retried while it is still loading (503)."""
+    url = f"http://{http[0]}:{http[1]}{path}"
+    async with asyncio.timeout(10):
+        while True:
+            async with session.put(url, json=body) as response:
+                data = await response.json(content_type=None)
+                if response.status != 503:
+                    return response.status, data
+            await asyncio.sleep(0.05)
+
+
 async def put_network(client: Client, name: str = "pods", **body: Any) -> dict[str, Any]:
     body = {"subnet": "10.244.0.0/16", "node_prefix": 28, **body}
     status, data, _ = await client.request("PUT", f"/v1/networks/{name}", json=body)
@@ -267,12 +281,10 @@ async def test_a_killed_node_loses_its_block_and_names_everywhere(
         await synced(a)
         await put_network(a, node_prefix=24)
         async with serve("--etcd", endpoint, "--node", "n2", "--node-ttl", str(node_ttl)) as n2:
-            base = f"http://{n2.http[0]}:{n2.http[1]}"
-            async with session.put(
-                base + "/v1/networks/pods/attachments/victim/eth0", json={"name": "victim"}
-            ) as response:
-                assert response.status == 201, await response.text()
-                data = await response.json()
+            status, data = await node_put(
+                session, n2.http, "/v1/networks/pods/attachments/victim/eth0", {"name": "victim"}
+            )
+            assert status == 201, data
             assert await a.wait_cache(
                 lambda: a.server.registry.attachment("pods", "victim", "eth0") is not None
             )

@@ -19,6 +19,13 @@ M = TypeVar("M", bound=BaseModel)
 def _ipam(request: web.Request) -> Ipam:
     ipam = request.app[CONTEXT].ipam
     assert ipam is not None
+    if not ipam.registry.synced:  # before the first load every network looks absent
+        raise Problem(
+            503,
+            "Not ready",
+            "this replica has not loaded the registry yet",
+            headers={"Retry-After": "1"},
+        )
     return ipam
 
 
