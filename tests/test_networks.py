@@ -266,7 +266,7 @@ async def test_two_nodes_allocating_at_once_never_share_an_address(
                 lambda c=client: len(c.server.registry.attachments("pods")) == total
             )
         assert await a.addresses("n2-c7.pods.net.cluster.local") == {results[37][1]["address"]}
-        status, network, _ = await b.request("GET", "/v1/networks/pods")
+        _, network, _ = await b.request("GET", "/v1/networks/pods")
         assert sorted(blk["node"] for blk in network["blocks"]) == ["n1", "n2"]
         assert network["attachments"] == 60
 
