@@ -223,7 +223,7 @@ class LeaseStream(asyncio.Protocol):
                 connection.send_data(_STREAM, bytes(outbox[:size]))
                 del outbox[:size]
         except ProtocolError as error:  # the stream can no longer carry data
-            self._fail(f"keepalive stream: {error}")
+            self._fail(f"keepalive stream: HTTP/2 protocol error: {error}")
             return
         data = connection.data_to_send()
         if self._unsent:
@@ -257,7 +257,7 @@ class LeaseStream(asyncio.Protocol):
         try:
             events = connection.receive_data(data)
         except ProtocolError as error:
-            self._fail(f"keepalive stream: {error}")
+            self._fail(f"keepalive stream: HTTP/2 protocol error: {error}")
             return
         received = 0
         more_window = False
