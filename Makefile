@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_TEST := etcd-server bind9-dnsutils
-APT_BENCH := dnsperf dnsmasq etcd-server
+APT_BENCH := dnsperf dnsmasq-base etcd-server
 
-.PHONY: run test test-deps bench lint
+.PHONY: run test test-deps bench bench-deps lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,7 +24,13 @@ test-deps:
 test: test-deps $(VENV)/.installed
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
+bench-deps: $(VENV)/.installed
+	@command -v dnsperf >/dev/null && command -v etcd >/dev/null && { command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_BENCH); }
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+
+bench: bench-deps
 	$(PY) bench/dnsperf_compare.py
 
 lint: $(VENV)/.installed

@@ -5,9 +5,9 @@ One command, run from anywhere with the Python that has `discovery` installed:
     python bench/dnsperf_compare.py            # full: 3 rounds x 10 s per server and mode
     python bench/dnsperf_compare.py --rounds 1 --duration 2 --fixed-duration 2   # quick look
 
-It installs what is missing (dnsperf and dnsmasq with apt-get, as root or through sudo;
-matplotlib into this Python with pip), starts the three servers on free 127.0.0.1 ports pinned to
-CPU 1, loads the same 1,000 services into discovery (through its HTTP API) and into dnsmasq
+It needs dnsperf, dnsmasq and matplotlib (`make bench-deps` installs them; the bench itself
+installs nothing and says what is missing), starts the three servers on free 127.0.0.1 ports pinned
+to CPU 1, loads the same 1,000 services into discovery (through its HTTP API) and into dnsmasq
 (hosts file + srv-host lines), checks that both give the same answers to every distinct query of
 the query file, then runs `taskset -c 0 dnsperf -c 1` against each server in alternation, plain and
 with EDNS, and once at a fixed rate. It prints a table and writes docs/benchmarks.md and
@@ -63,14 +63,6 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _sudo() -> list[str]:
-    if os.geteuid() == 0:
-        return []
-    if shutil.which("sudo") is None:
-        raise SystemExit("need root or sudo to install packages with apt-get")
-    return ["sudo"]
-
-
 def find_dnsmasq() -> str | None:
     found = shutil.which("dnsmasq")
     if found:
@@ -82,47 +74,34 @@ def find_dnsmasq() -> str | None:
 
 
 def ensure_tools() -> str:
-    """dnsperf, dnsmasq (the binary only: dnsmasq-base starts no system service), taskset."""
+    """dnsperf, dnsmasq (the binary only: dnsmasq-base starts no system service), taskset.
+
+    Nothing is installed at run time: `make bench-deps` (or `make bench`) installs them."""
     missing = []
     if shutil.which("dnsperf") is None:
         missing.append("dnsperf")
-    if find_dnsmasq() is None:
+    dnsmasq = find_dnsmasq()
+    if dnsmasq is None:
         missing.append("dnsmasq-base")
     if shutil.which("taskset") is None:
         missing.append("util-linux")
-    if missing:
-        log(f"installing with apt-get: {' '.join(missing)}")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run([*_sudo(), "apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(
-            [*_sudo(), "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-            check=True,
-            env=env,
+    if missing or dnsmasq is None:
+        raise SystemExit(
+            f"missing: {' '.join(missing)} (run `make bench-deps`, or apt-get install them)"
         )
-    dnsmasq = find_dnsmasq()
-    if dnsmasq is None or shutil.which("dnsperf") is None or shutil.which("taskset") is None:
-        raise SystemExit("dnsperf, dnsmasq or taskset still missing after apt-get")
     return dnsmasq
 
 
 def ensure_python_packages(plot: bool) -> None:
-    for module in ("discovery", "uvloop", "dnslib"):
+    needed = ["discovery", "uvloop", "dnslib"] + (["matplotlib"] if plot else [])
+    for module in needed:
         try:
             importlib.import_module(module)
         except ImportError:
             raise SystemExit(
-                f"{sys.executable} cannot import {module}: run `pip install -e .` in {ROOT} first"
+                f"{sys.executable} cannot import {module}: run `make bench-deps` in {ROOT}"
+                " (pip install -e '.[test,bench]'), or pass --no-docs to skip the plot"
             ) from None
-    if not plot:
-        return
-    try:
-        importlib.import_module("matplotlib")
-    except ImportError:
-        log(f"installing matplotlib into {sys.prefix}")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.7"], check=True
-        )
-        importlib.invalidate_caches()
 
 
 def free_port() -> int:

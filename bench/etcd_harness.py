@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# run as `python bench/NAME.py`: Python puts bench/ first on sys.path, so `machine` imports
+from machine import cpu_model
+
+from discovery.testing import EtcdServer, free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from etcd_support import EtcdServer, free_ports  # noqa: E402
-from machine import cpu_model  # noqa: E402
-
 HOST = "127.0.0.1"
 _DNS_LINE = re.compile(r"DNS listening on ([0-9.]+):(\d+)")
 _HTTP_LINE = re.compile(r"HTTP listening on http://([0-9.]+):(\d+)")

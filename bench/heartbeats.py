@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from etcd_harness import Cluster, log, machine, now, percentile, pin_self, table
 
 NS = "hb"

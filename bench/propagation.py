@@ -31,12 +31,8 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable
-from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from etcd_harness import Cluster, Replica, log, machine, now, percentile, table
 
 from discovery.store.etcd import EtcdStore

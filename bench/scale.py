@@ -53,12 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from dnsperf_compare import (  # noqa: E402
+from dnsperf_compare import (
     CLIENT_CPU,
     HOST,
     SERVER_CPU,
@@ -71,10 +66,13 @@ from dnsperf_compare import (  # noqa: E402
     machine_facts,
     measure,
 )
-from etcd_support import EtcdServer  # noqa: E402
 
-from discovery.model import Port, Registration, encode_registration  # noqa: E402
-from discovery.store.etcd import EtcdStore  # noqa: E402
+from discovery.model import Port, Registration, encode_registration
+from discovery.store.etcd import EtcdStore
+from discovery.testing import EtcdServer
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 
 NS = "default"
 ZONE_SUFFIX = f"{NS}.svc.cluster.local"

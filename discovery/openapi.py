@@ -6,6 +6,7 @@ from functools import cache
 from typing import Any
 
 from .model import LABEL_RE, Registration
+from .net.records import AttachmentRequest, NetworkSpec
 
 _LABEL = {"type": "string", "pattern": LABEL_RE.pattern, "maxLength": 63}
 
@@ -38,6 +39,47 @@ _INDEX = {"X-Discovery-Index": {"schema": {"type": "integer"}, "description": "r
 def openapi_document() -> dict[str, Any]:
     registration = Registration.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = registration.pop("$defs", {})
+    network_spec = NetworkSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    attachment_request = AttachmentRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    for schema in (network_spec, attachment_request):
+        defs.update(schema.pop("$defs", {}))
+    network = {
+        "allOf": [
+            {"$ref": "#/components/schemas/NetworkSpec"},
+            {
+                "type": "object",
+                "properties": {
+                    "name": _LABEL,
+                    "attachments": {"type": "integer"},
+                    "blocks": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        ]
+    }
+    route = {
+        "type": "object",
+        "properties": {"dst": {"type": "string"}, "gw": {"type": "string"}},
+    }
+    attachment = {
+        "type": "object",
+        "required": ["address", "prefix_len", "gateway", "routes", "subnet", "mtu", "node"],
+        "properties": {
+            "network": _LABEL,
+            "container_id": {"type": "string"},
+            "ifname": {"type": "string"},
+            "name": _LABEL,
+            "service": {"$ref": "#/components/schemas/ServiceRef"},
+            "address": {"type": "string", "format": "ipv4"},
+            "prefix_len": {"type": "integer"},
+            "gateway": {"type": "string", "format": "ipv4"},
+            "routes": {"type": "array", "items": route},
+            "subnet": {"type": "string"},
+            "mtu": {"type": "integer"},
+            "node": {"type": "string"},
+        },
+    }
     instance_params = [_param("ns"), _param("svc"), _param("inst")]
     lease = {
         "type": "object",
@@ -82,6 +124,13 @@ def openapi_document() -> dict[str, Any]:
         _param("wait", "query", {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)?$"}),
     ]
     instance_path = "/v1/services/{ns}/{svc}/instances/{inst}"
+    network_path = "/v1/networks/{net}"
+    attachment_path = network_path + "/attachments/{container_id}/{ifname}"
+    attachment_params = [
+        _param("net"),
+        _param("container_id", schema={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,255}$"}),
+        _param("ifname", schema={"type": "string", "minLength": 1, "maxLength": 15}),
+    ]
     return {
         "openapi": "3.1.0",  # pydantic emits JSON Schema 2020-12 (propertyNames)
         "info": {"title": "discovery registration API", "version": "1"},
@@ -144,6 +193,80 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/networks": {
+                "get": {
+                    "summary": "Every network with its node blocks and attachment counts",
+                    "responses": {"200": {"description": "Networks"}, **_ERRORS},
+                }
+            },
+            network_path: {
+                "parameters": [_param("net")],
+                "put": {
+                    "summary": "Create or change a network",
+                    "requestBody": {"required": True, "content": _json("NetworkSpec")},
+                    "responses": {
+                        "200": {"description": "Changed", "content": _json("Network")},
+                        "201": {"description": "Created", "content": _json("Network")},
+                        "409": _problem("subnet or node_prefix changed while attachments exist"),
+                        **_ERRORS,
+                    },
+                },
+                "get": {
+                    "summary": "A network: config, node blocks, attachment counts",
+                    "responses": {
+                        "200": {"description": "The network", "content": _json("Network")},
+                        "404": _problem("Unknown network"),
+                        **_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a network without attachments",
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        "404": _problem("Unknown network"),
+                        "409": _problem("The network has attachments"),
+                        **_ERRORS,
+                    },
+                },
+            },
+            network_path + "/attachments": {
+                "parameters": [_param("net")],
+                "get": {
+                    "summary": "The network's attachments",
+                    "responses": {
+                        "200": {"description": "Attachments"},
+                        "404": _problem("Unknown network"),
+                        **_ERRORS,
+                    },
+                },
+            },
+            attachment_path: {
+                "parameters": attachment_params,
+                "put": {
+                    "summary": "Give a container interface an address (idempotent)",
+                    "requestBody": {"required": False, "content": _json("AttachmentRequest")},
+                    "responses": {
+                        "200": {"description": "Known already", "content": _json("Attachment")},
+                        "201": {"description": "Attached", "content": _json("Attachment")},
+                        "404": _problem("Unknown network"),
+                        "409": _problem("Name or instance in use"),
+                        "507": _problem("No free block or address for this node"),
+                        **_ERRORS,
+                    },
+                },
+                "get": {
+                    "summary": "One attachment",
+                    "responses": {
+                        "200": {"description": "The attachment", "content": _json("Attachment")},
+                        "404": _problem("Unknown attachment"),
+                        **_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Release the address (204 also when unknown, as CNI DEL)",
+                    "responses": {"204": {"description": "Released"}, **_ERRORS},
+                },
+            },
             "/healthz": {
                 "get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}
             },
@@ -173,6 +296,10 @@ def openapi_document() -> dict[str, Any]:
                 "Lease": lease,
                 "Instance": instance,
                 "Problem": problem,
+                "NetworkSpec": network_spec,
+                "AttachmentRequest": attachment_request,
+                "Network": network,
+                "Attachment": attachment,
             }
         },
     }

@@ -83,6 +83,11 @@ class Server:
         self._supervisor: Supervisor | None = None
         self._stop = asyncio.Event()
 
+    @property
+    def app(self) -> web.Application | None:
+        """The HTTP application once started (its router is the one list of routes)."""
+        return self._runner.app if self._runner is not None else None
+
     async def startup(self) -> None:
         config = self.config
         if config.upstream:

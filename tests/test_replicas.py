@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import dns.rcode
 import etcd_support  # tests/ is on sys.path: pytest's rootdir conftest, tests/ no package
 import pytest
 from conftest import Client, make_config
+from waiting import eventually
 
 from discovery.config import HostPort
 from discovery.model import InstanceKey, Registration, decode_registration, instances_prefix
@@ -199,18 +200,6 @@ async def metric(client: Client, name: str) -> float:
 async def readyz(client: Client) -> tuple[int, Any]:
     status, body, _ = await client.request("GET", "/readyz")
     return status, body
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0
-) -> float:
-    """Poll a state that raises no event, with a deadline; returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not await check():
-        assert loop.time() - started < within, f"{what}: not within {within} s"
-        await asyncio.sleep(0.05)
-    return loop.time() - started
 
 
 async def store_state(client: Client, state: str, within: float = 10.0) -> float:
