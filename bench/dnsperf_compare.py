@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model
+from machine import cpu_model, discovery_command
 
 HOST = "127.0.0.1"  # the only address this script ever binds or queries
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ def start_discovery(procs: Procs, work: Path) -> tuple[Proc, int]:
     for attempt in range(3):
         dns_port, http_port = free_port(), free_port()
         argv = [
-            sys.executable, "-m", "discovery", "serve",
+            *discovery_command(), "serve",
             "--dns", f"{HOST}:{dns_port}", "--http", f"{HOST}:{http_port}",
             "--log-level", "warning",
         ]  # fmt: skip

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # run as `python bench/NAME.py`: Python puts bench/ first on sys.path, so `machine` imports
-from machine import cpu_model
+from machine import cpu_model, discovery_command
 
 from discovery.testing import EtcdServer, free_ports
 
@@ -111,7 +111,7 @@ class Cluster:
         assert self.etcd is not None
         log_path = self.workdir / f"discovery-{name}.log"
         argv = [
-            sys.executable, "-m", "discovery", "serve",
+            *discovery_command(), "serve",
             "--etcd", self.etcd.client_url,
             "--dns", f"{HOST}:0", "--http", f"{HOST}:0",
             "--log-level", "info", *self.serve_args,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 
@@ -13,3 +15,14 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+SERVER_PYTHON = "BENCH_SERVER_PYTHON"
+
+
+def discovery_command() -> list[str]:
+    """How a bench starts `discovery`: this Python, or the one named by $BENCH_SERVER_PYTHON (a
+    venv with other code installed: bench/versus.py sets it to compare two revisions). `-P`
+    keeps the working directory off sys.path, so the checkout the bench runs from cannot shadow
+    the code installed in that venv."""
+    return [os.environ.get(SERVER_PYTHON) or sys.executable, "-P", "-m", "discovery"]

@@ -66,6 +66,7 @@ from dnsperf_compare import (
     machine_facts,
     measure,
 )
+from machine import discovery_command
 
 from discovery.model import Port, Registration, encode_registration
 from discovery.store.etcd import EtcdStore
@@ -246,7 +247,7 @@ def start_server(procs: Procs, etcd: EtcdServer, work: Path, name: str, timeout:
                  on_start: Callable[[int], None] | None = None) -> Server:  # fmt: skip
     log_path = work / f"discovery-{name}.log"
     argv = [
-        "taskset", "-c", SERVER_CPU, sys.executable, "-m", "discovery", "serve",
+        "taskset", "-c", SERVER_CPU, *discovery_command(), "serve",
         "--etcd", etcd.client_url, "--dns", f"{HOST}:0", "--http", f"{HOST}:0",
         "--log-level", "info",
     ]  # fmt: skip
