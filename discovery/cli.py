@@ -18,6 +18,7 @@ from typing import Any
 from .config import Config, ConfigError, HostPort, normalize_zone
 
 log = logging.getLogger("discovery")
+DEFAULT_CNI_SOCKET = "/run/discovery/cni.sock"  # = discovery.net.cni.DEFAULT_SOCKET
 
 
 def _env_name(flag: str) -> str:
@@ -65,6 +66,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--node", str, None, "this node's name for container networking (default: the host name)"),
     ("--node-ip", str, None, "this node's underlay address (needed for the vxlan backend)"),
     ("--node-ttl", int, 60, "seconds a node's blocks and attachments outlive the node"),
+    (
+        "--cni-socket",
+        str,
+        None,
+        f"Unix socket for discovery-cni ('' for none) [as root: {DEFAULT_CNI_SOCKET}; else none]",
+    ),
 ]
 
 
@@ -121,6 +128,9 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         values["http"] = HostPort.parse(values["http"])
     if values["node"] is None:
         values["node"] = socket.gethostname().split(".")[0].lower()
+    if values["cni_socket"] is None:  # links are made as root: no socket for anyone else
+        values["cni_socket"] = DEFAULT_CNI_SOCKET if os.geteuid() == 0 else ""
+        values["cni_socket_default"] = True
     return Config(
         zones=tuple(normalize_zone(z) for z in zones), etcd=etcd, upstream=upstream, **values
     )

@@ -84,6 +84,8 @@ class Config:
     node: str = "node"
     node_ip: str | None = None
     node_ttl: int = 60
+    cni_socket: str = ""  # the CNI agent's Unix socket; "" = off
+    cni_socket_default: bool = False  # the path was not asked for: a busy one is a warning
 
     def __post_init__(self) -> None:
         if not self.zones:
@@ -118,6 +120,8 @@ class Config:
                 raise ConfigError(f"--node-ip {self.node_ip!r} is not an IP address") from None
         if not 5 <= self.node_ttl <= 3600:
             raise ConfigError("--node-ttl must be between 5 and 3600 seconds")
+        if self.cni_socket and not self.cni_socket.startswith("/"):
+            raise ConfigError("--cni-socket must be an absolute path (or '' for none)")
         for upstream in self.upstream:
             try:
                 ipaddress.ip_address(upstream.host)

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -24,6 +25,9 @@ from .store.base import Store, StoreUnavailable
 from .store.embedded import EmbeddedStore
 from .watcher import Watcher
 from .workers import FeedServer, Supervisor
+
+if TYPE_CHECKING:
+    from .net.agent import CniAgent
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._feed: FeedServer | None = None
         self._supervisor: Supervisor | None = None
+        self.cni: CniAgent | None = None
         self._stop = asyncio.Event()
 
     @property
@@ -120,6 +125,7 @@ class Server:
             site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
             await site.start()
             self.http_address = self._runner.addresses[0][:2]
+            await self._start_cni()
             if config.workers > 1:
                 if not config.etcd:
                     self._feed = FeedServer(self.store)
@@ -152,6 +158,9 @@ class Server:
         self.registry.close()  # long polls answer now with what they have
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.cni is not None:
+            await self.cni.close()
+            self.cni = None
         await self.ipam.close()
         for task in self._tasks:
             task.cancel()
@@ -162,6 +171,25 @@ class Server:
         self._udp = self._tcp = self._connections = self._runner = None
         self._feed = self._supervisor = None
         self._tasks = []
+
+    async def _start_cni(self) -> None:
+        config = self.config
+        if not config.cni_socket:
+            if config.cni_socket_default:
+                log.info("no CNI socket: not running as root (--cni-socket PATH to ask for one)")
+            return
+        from .net.agent import CniAgent  # pyroute2: only when this node plumbs containers
+
+        agent = CniAgent(self.ipam, config.zones[0])
+        try:
+            started = await agent.start(config.cni_socket, required=not config.cni_socket_default)
+        except BaseException:
+            await agent.close()
+            raise
+        if started:
+            self.cni = agent
+        else:
+            await agent.close()
 
     async def _adopt_node_lease(self) -> None:
         """After the first load: a restarted node keeps its blocks (their lease) alive."""

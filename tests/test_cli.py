@@ -29,7 +29,7 @@ SPEC_FLAGS = [
     "--dns", "--http", "--zone", "--etcd", "--etcd-prefix", "--dns-ttl",
     "--negative-ttl", "--min-ttl", "--max-ttl", "--upstream",
 ]  # fmt: skip
-LOOPBACK = ["--dns", "127.0.0.1:0", "--http", "127.0.0.1:0"]
+LOOPBACK = ["--dns", "127.0.0.1:0", "--http", "127.0.0.1:0", "--cni-socket", ""]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
