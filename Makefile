@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_TEST := etcd-server bind9-dnsutils
+APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2
 APT_BENCH := dnsperf dnsmasq-base etcd-server
 
 .PHONY: run test test-deps bench bench-deps lint
@@ -17,7 +17,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/discovery serve
 
 test-deps:
-	@command -v etcd >/dev/null && command -v dig >/dev/null || { \
+	@command -v etcd >/dev/null && command -v dig >/dev/null && command -v ping >/dev/null \
+	  && command -v ip >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST); }
 

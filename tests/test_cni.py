@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -21,12 +22,15 @@ from typing import Any
 import jsonschema
 import pytest
 from netns_support import (
+    NetnsEtcd,
     Node,
     ip,
     links,
+    netns,
     netns_path,
     node_server,
     plugin,
+    require_netns,
     run,
     unique,
 )
@@ -526,3 +530,71 @@ async def test_the_server_refuses_a_busy_socket_path(tmp_path: Path, node: Node)
     )  # fmt: skip
     assert code == 1 and "in use" in err
     assert (await plugin("STATUS", node.conf()))[1]["code"] == 50  # the first still answers
+
+
+async def test_an_unreachable_server_leaves_the_container_untouched(tmp_path: Path) -> None:
+    require_netns()
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:  # a server that died
+        left.bind(str(dead))
+        with netns("c") as container:
+            for path in (str(dead), away_socket(tmp_path)):
+                conf = {**BASE_CONF, "socket": path}
+                code, out = await plugin(
+                    "ADD", conf, container_id="c1", netns=netns_path(container)
+                )
+                assert code == 1
+                cni_error(out, 11)
+                assert links(container) == ["lo"]
+
+
+async def test_the_store_going_away_mid_add_leaks_nothing(tmp_path: Path) -> None:
+    """etcd stops answering while an ADD waits on it, then dies: the plugin says 11, and
+    neither a veth nor a key is left once etcd is back."""
+    require_netns()
+    with netns("host") as host:
+        etcd = NetnsEtcd(tmp_path / "etcd", host)
+        etcd.start()
+        try:
+            endpoint = f"http://127.0.0.1:{etcd.client_port}"
+            async with node_server(
+                tmp_path, "--etcd", endpoint, "--etcd-request-timeout", "2",
+                "--etcd-dial-timeout", "2", "--node", "n1", host=host,
+            ) as node:  # fmt: skip
+                await node.network()
+                with node.container() as first, node.container() as victim:
+                    code, result = await add(node, first)  # the node's lease and block exist
+                    assert code == 0, result
+                    etcd.pause()
+                    adding = asyncio.create_task(add(node, victim))
+                    line = f"DEBUG discovery.net.agent: ADD {victim}-id/eth0 in pods"
+
+                    async def in_flight() -> bool:
+                        return any(line in entry for entry in node.process.stderr)
+
+                    await eventually(in_flight, "the ADD reaching the server", within=30)
+                    etcd.stop()  # SIGKILL while stopped: the request dies with it
+                    code, out = await adding
+                    assert code == 1
+                    cni_error(out, 11)
+                    assert links(victim) == ["lo"]
+                    assert veths(node) == [result["interfaces"][1]["name"]]
+                    await asyncio.to_thread(etcd.start)
+                    prefix = "/discovery/v1/"
+
+                    async def released() -> bool:
+                        left = await asyncio.to_thread(
+                            etcd.count, f"{prefix}attachments/pods/{victim}-id/"
+                        )
+                        addresses = await asyncio.to_thread(etcd.count, f"{prefix}addresses/pods/")
+                        return left == 0 and addresses == 1
+
+                    await eventually(released, "no key of the failed ADD", within=30)
+                    # the runtime tries again: it works, and the first container still does
+                    code, again = await add(node, victim)
+                    assert code == 0, again
+                    address = result["ips"][0]["address"].split("/")[0]
+                    ping = inside(victim, "ping", "-c", "1", "-W", "5", address)
+                    assert ping.returncode == 0, ping.stdout
+        finally:
+            etcd.stop()
