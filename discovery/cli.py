@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Config, ConfigError, HostPort, normalize_zone
+from .config import Config, ConfigError, HostPort, normalize_zone, parse_upstreams
 
 log = logging.getLogger("discovery")
 DEFAULT_CNI_SOCKET = "/run/discovery/cni.sock"  # = discovery.net.cni.DEFAULT_SOCKET
@@ -58,7 +58,14 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--negative-ttl", int, 5, "TTL of NXDOMAIN/NODATA answers (SOA minimum)"),
     ("--min-ttl", int, 2, "shortest lease TTL a registration may ask for"),
     ("--max-ttl", int, 86400, "longest lease TTL a registration may ask for"),
-    ("--upstream", str, None, "resolvers HOST[:PORT],... for names outside the zones"),
+    (
+        "--upstream",
+        parse_upstreams,
+        None,
+        "resolvers HOST[:PORT],... or a resolv.conf path for names outside the zones",
+    ),
+    ("--upstream-timeout", float, 2.0, "seconds to wait for one upstream's answer"),
+    ("--upstream-cache-size", int, 10000, "answers from upstreams kept in memory (0: none)"),
     ("--workers", int, 1, "DNS worker processes sharing the port (SO_REUSEPORT)"),
     ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
     ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
@@ -119,9 +126,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise ConfigError(f"{flag}: {error}") from None
     zones = args.zone or _split(environ.get("DISCOVERY_ZONE", "")) or ["cluster.local"]
     etcd = tuple(_endpoint(url) for url in _split(values.pop("etcd") or ""))
-    upstream = tuple(
-        HostPort.parse(u, default_port=53) for u in _split(values.pop("upstream") or "")
-    )
+    upstream = values.pop("upstream") or ()
     if isinstance(values["dns"], str):
         values["dns"] = HostPort.parse(values["dns"])
     if isinstance(values["http"], str):

@@ -45,6 +45,40 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def parse_upstreams(text: str) -> tuple[HostPort, ...]:
+    """`HOST[:PORT],...` (port 53 by default) or the path of a resolv.conf, whose
+    `nameserver` lines are read (as CoreDNS's `forward . /etc/resolv.conf`)."""
+    upstreams: list[HostPort] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.startswith(("/", "./")):
+            upstreams.extend(_nameservers(item))
+        else:
+            upstreams.append(HostPort.parse(item, default_port=53))
+    return tuple(upstreams)
+
+
+def _nameservers(path: str) -> list[HostPort]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    found = []
+    for line in lines:
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                ipaddress.ip_address(words[1])
+            except ValueError:
+                raise ConfigError(f"{path}: {words[1]!r} is not an IP address") from None
+            found.append(HostPort(words[1], 53))
+    if not found:
+        raise ConfigError(f"{path} names no nameserver")
+    return found
+
+
 def is_node_name(text: str) -> bool:
     """A node name as store keys carry it (a host name, or anything like one)."""
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}", text) is not None
@@ -77,6 +111,8 @@ class Config:
     min_ttl: int = 2
     max_ttl: int = 86400
     upstream: tuple[HostPort, ...] = ()
+    upstream_timeout: float = 2.0
+    upstream_cache_size: int = 10000
     workers: int = 1
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1024
@@ -127,3 +163,7 @@ class Config:
                 ipaddress.ip_address(upstream.host)
             except ValueError:
                 raise ConfigError(f"upstream {upstream} must be an IP address") from None
+        if not 0 < self.upstream_timeout <= 60:
+            raise ConfigError("--upstream-timeout must be between 0 and 60 seconds")
+        if not 0 <= self.upstream_cache_size <= 10_000_000:
+            raise ConfigError("--upstream-cache-size must be between 0 and 10000000")

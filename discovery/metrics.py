@@ -18,6 +18,7 @@ from .dns.records import RCODE_NAMES
 
 if TYPE_CHECKING:
     from .dns.answers import Answers
+    from .dns.forward import Forwarder
     from .dns.resolver import Stats
     from .dns.transport import TcpConnections
     from .registry import Registry
@@ -54,6 +55,9 @@ class Metrics:
         tcp: TcpConnections | None = None,
     ) -> None:
         self.registry.register(_StateCollector(registry, answers, watcher, stats, tcp))
+
+    def watch_forwarding(self, forwarder: Forwarder) -> None:
+        self.registry.register(_ForwardCollector(forwarder))
 
 
 class _StateCollector(Collector):
@@ -111,6 +115,7 @@ class _StateCollector(Collector):
         queries.add_metric(["fast"], stats.fast)
         queries.add_metric(["full"], stats.full)
         queries.add_metric(["dropped"], stats.dropped)
+        queries.add_metric(["forwarded"], stats.forwarded)
         yield queries
         rcodes = CounterMetricFamily(
             "discovery_dns_full_path_responses",
@@ -132,6 +137,48 @@ class _StateCollector(Collector):
             )
             refused.add_metric([], self.tcp.refused)
             yield refused
+
+
+class _ForwardCollector(Collector):
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        forwarder = self.forwarder
+        stats = forwarder.stats
+        for name, doc, value in (
+            ("queries", "Queries for names outside the zones", stats.queries),
+            ("cache_hits", "Of those, answered from the forward cache", stats.cache_hits),
+            ("servfail", "Of those, answered SERVFAIL: no upstream answered", stats.servfail),
+            ("overloaded", "Of those, refused: too many upstream queries in flight",
+             stats.overloaded),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(f"discovery_forward_{name}", doc)
+            counter.add_metric([], value)
+            yield counter
+        yield _gauge(
+            "discovery_forward_cache_entries", "Upstream answers cached", len(forwarder.cache)
+        )
+        up = GaugeMetricFamily(
+            "discovery_forward_upstream_up", "1 while the upstream answers", labels=["upstream"]
+        )
+        sent = CounterMetricFamily(
+            "discovery_forward_upstream_queries", "Queries sent upstream", labels=["upstream"]
+        )
+        for upstream in forwarder.upstreams:
+            up.add_metric([upstream.label], float(upstream.up))
+            sent.add_metric([upstream.label], stats.upstream_queries[upstream.label])
+        yield up
+        yield sent
+        failures = CounterMetricFamily(
+            "discovery_forward_upstream_failures",
+            "Upstream exchanges that gave no answer (timeout, refused, unreachable, malformed,"
+            " rcode), and replies dropped as not ours (id, question, address)",
+            labels=["upstream", "reason"],
+        )
+        for (label, reason), count in sorted(stats.upstream_failures.items()):
+            failures.add_metric([label, reason], count)
+        yield failures
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -14,6 +14,7 @@ from aiohttp import web
 from .api import Context, create_app
 from .config import Config
 from .dns.answers import Answers, DnsSettings
+from .dns.forward import Forwarder
 from .dns.resolver import Resolver
 from .dns.transport import TcpConnections, open_listeners
 from .metrics import Metrics
@@ -73,7 +74,16 @@ class Server:
         self.registry = Registry(config.etcd_prefix)
         self.answers = Answers(settings)
         self.registry.subscribe(self.answers)
-        self.resolver = Resolver(self.answers)
+        self.forwarder = (
+            Forwarder(
+                [(u.host, u.port) for u in config.upstream],
+                config.upstream_timeout,
+                config.upstream_cache_size,
+            )
+            if config.upstream
+            else None
+        )
+        self.resolver = Resolver(self.answers, forwarder=self.forwarder)
         self.watcher = Watcher(self.store, self.registry, records_prefix(config.etcd_prefix))
         self.ipam = Ipam(self.store, self.registry, config.node, config.node_ip, config.node_ttl)
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
@@ -95,8 +105,6 @@ class Server:
 
     async def startup(self) -> None:
         config = self.config
-        if config.upstream:
-            log.warning("--upstream is accepted but forwarding is not implemented yet: REFUSED")
         self._tasks = [
             asyncio.create_task(self.watcher.run(), name="watch"),
             asyncio.create_task(self.watcher.probe(), name="probe"),
@@ -117,6 +125,8 @@ class Server:
             self.metrics.watch(
                 self.registry, self.answers, self.watcher, self.resolver.stats, self._connections
             )
+            if self.forwarder is not None:
+                self.metrics.watch_forwarding(self.forwarder)
             context = Context(config, self.store, self.registry, self.metrics, self.ipam)
             app = create_app(context, network_routes.add_routes)
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
@@ -140,6 +150,8 @@ class Server:
             log.info("%d DNS worker processes share the DNS port", config.workers - 1)
         store = f"etcd {','.join(map(str, config.etcd))}" if config.etcd else "embedded store"
         log.info("zones %s; %s", ", ".join(config.zones), store)
+        if config.upstream:
+            log.info("other names forwarded to %s", ", ".join(map(str, config.upstream)))
 
     async def shutdown(self) -> None:
         """Stop taking work, finish what is in flight, then release the store."""
@@ -162,6 +174,8 @@ class Server:
             await self.cni.close()
             self.cni = None
         await self.ipam.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -17,6 +17,7 @@ from dnslib import EDNS0, DNSHeader, DNSLabel, DNSRecord
 from dnslib import RR as LibRR
 
 from .answers import Answers, Zone
+from .forward import UPSTREAM_PAYLOAD, Forwarder, Pending
 from .records import (
     ANY,
     BADVERS,
@@ -58,6 +59,8 @@ _OPT_HEAD = b"\x00\x00\x29"  # root owner name, TYPE 41
 _OPT_PAYLOAD = 3  # CLASS: the requester's UDP payload size (2 bytes)
 _OPT_VERSION = 6  # TTL's second byte: EDNS version
 _OPT_RDLENGTH = 9  # 2 bytes, then the options
+_OPT_DO = 7  # TTL's third byte: its top bit is DO (RFC 3225)
+_CD = 0x10  # in the flags' low byte
 _NOT_QUERY = 0xF8  # QR set or an OPCODE other than QUERY
 _ZONE_MEMO_SIZE = 65536  # names remembered with their zone, for negative answers
 _EMPTY, _EMPTY_EDNS = record_counts(0, 0, 0), record_counts(0, 0, 1)  # a truncated answer
@@ -83,31 +86,39 @@ class Stats:
     full: int = 0
     dropped: int = 0
     truncated: int = 0
+    forwarded: int = 0  # sent on to an upstream (answers from the forward cache count as fast)
 
 
 class Resolver:
-    def __init__(self, answers: Answers, recursion: bool = False) -> None:
+    def __init__(
+        self, answers: Answers, recursion: bool = False, forwarder: Forwarder | None = None
+    ) -> None:
+        """With a `forwarder`, names outside every zone are forwarded (and RA=1 throughout)."""
         self.answers = answers
-        self.recursion = recursion
+        self.forwarder = forwarder
+        self.recursion = recursion or forwarder is not None
         self.stats = Stats()
-        self._ok = _flag_table(NOERROR, True, recursion)
-        self._nx = _flag_table(NXDOMAIN, True, recursion)
-        self._tc = _flag_table(NOERROR, True, recursion, tc=True)
+        self._ok = _flag_table(NOERROR, True, self.recursion)
+        self._nx = _flag_table(NXDOMAIN, True, self.recursion)
+        self._tc = _flag_table(NOERROR, True, self.recursion, tc=True)
         self._zone_memo: dict[bytes, Zone | None] = {}
 
-    def answer(self, query: bytes, tcp: bool = False) -> bytes | None:
-        """The response to a query, or None when it must be dropped."""
+    def answer(self, query: bytes, tcp: bool = False) -> bytes | Pending | None:
+        """The response to a query, a coroutine producing it (forwarded), or None when the
+        query must be dropped."""
         response = self._fast(query, tcp)
         if response is not None:
             self.stats.fast += 1
             return response
-        response = self.answer_full(query, tcp)
-        if response is None:
+        full = self.answer_full(query, tcp)
+        if full is None:
             self.stats.dropped += 1
-        else:
+        elif isinstance(full, bytes):
             self.stats.full += 1
-            self.stats.rcodes[response[3] & 0x0F] += 1
-        return response
+            self.stats.rcodes[full[3] & 0x0F] += 1
+        else:
+            self.stats.forwarded += 1
+        return full
 
     # fast path
 
@@ -169,7 +180,16 @@ class Resolver:
                 flags = self._ok  # NODATA
             else:
                 zone = self._zone_of_wire(q, end, name)
-                if zone is None or q[end + _QTYPE : end + _QCLASS] in _ZONE_TRANSFER_WIRE:
+                if zone is None:
+                    forwarder = self.forwarder
+                    if forwarder is None or q[_FLAGS_LOW] & _CD:
+                        return None  # refused, or forwarded uncached: the full path
+                    if edns and q[qend + _OPT_DO] & 0x80:
+                        return None
+                    if not tcp and limit > UPSTREAM_PAYLOAD:
+                        room -= limit - UPSTREAM_PAYLOAD
+                    return forwarder.cached(q, name + q[end + 1 : qend], question, edns, room)
+                if q[end + _QTYPE : end + _QCLASS] in _ZONE_TRANSFER_WIRE:
                     return None
                 flags = self._nx
             negative = zone.negative
@@ -234,7 +254,7 @@ class Resolver:
 
     # full path
 
-    def answer_full(self, q: bytes, tcp: bool = False) -> bytes | None:
+    def answer_full(self, q: bytes, tcp: bool = False) -> bytes | Pending | None:
         if len(q) < 12 or q[2] & 0x80:
             return None
         try:
@@ -273,7 +293,23 @@ class Resolver:
         state = self.answers.state
         zone = _zone_of_labels(state.zones, labels)
         if zone is None:
-            return self._finish(reply, query, REFUSED)
+            if self.forwarder is None:
+                return self._finish(reply, query, REFUSED)
+            if question.qtype in ZONE_TRANSFERS:
+                return self._finish(reply, query, NOTIMP)
+            name = b"".join(bytes((len(label),)) + label for label in question.qname.label)
+            wire = name + struct.pack(">BHH", 0, question.qtype, question.qclass)
+            room = min(limit, TCP_MAX if tcp else UPSTREAM_PAYLOAD) - 12 - len(wire)
+            return self.forwarder.forward(
+                q[:2],
+                wire,
+                rd=bool(header.rd),
+                ad=bool(header.ad),
+                cd=bool(header.cd),
+                do=bool(opts and opts[0].ttl & 0x8000),
+                edns=bool(opts),
+                room=room - (_OPT_FIXED if opts else 0),
+            )
         if not self.answers.synced:
             return self._finish(reply, query, SERVFAIL)
         if question.qtype in ZONE_TRANSFERS:

@@ -1,16 +1,21 @@
-"""DNS over UDP and TCP (RFC 7766): framing only; every answer comes from the resolver."""
+"""DNS over UDP and TCP (RFC 7766): framing only; every answer comes from the resolver.
+
+An answer is bytes, None (drop the query), or a coroutine (a forwarded query): the latter runs
+as a task and its response is sent when it is ready, out of order on TCP (RFC 7766 6.2.1.1).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
-Answerer = Callable[[bytes, bool], bytes | None]
+Answerer = Callable[[bytes, bool], bytes | Coroutine[Any, Any, bytes] | None]
 UDP_BUFFER = 4 * 1024 * 1024  # room for bursts while the loop is busy
 
 
@@ -18,6 +23,7 @@ class UdpResponder(asyncio.DatagramProtocol):
     def __init__(self, answer: Answerer) -> None:
         self.answer = answer
         self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task[bytes]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
@@ -35,11 +41,38 @@ class UdpResponder(asyncio.DatagramProtocol):
         except Exception:  # one bad packet must never take the listener down
             log.exception("failed to answer a UDP query from %s", addr)
             return
+        if response is None or self.transport is None:
+            return
+        if isinstance(response, bytes):
+            self.transport.sendto(response, addr)
+            return
+        task = asyncio.ensure_future(response)
+        self.pending.add(task)
+        task.add_done_callback(functools.partial(self._send_later, addr))
+
+    def _send_later(self, addr: tuple[str, int], task: asyncio.Task[bytes]) -> None:
+        self.pending.discard(task)
+        response = _result(task)
         if response is not None and self.transport is not None:
             self.transport.sendto(response, addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP socket error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for task in self.pending:
+            task.cancel()
+
+
+def _result(task: asyncio.Task[bytes]) -> bytes | None:
+    if task.cancelled():
+        return None
+    error = task.exception()
+    if error is not None:
+        log.error("failed to answer a forwarded query", exc_info=error)
+        return None
+    return task.result()
 
 
 class TcpConnections:
@@ -69,6 +102,8 @@ class TcpResponder(asyncio.Protocol):
         self.buffer = bytearray()
         self.idle: asyncio.TimerHandle | None = None
         self.paused = False
+        self.pending: set[asyncio.Task[bytes]] = set()
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -84,6 +119,8 @@ class TcpResponder(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
         self.transport = None
+        for task in self.pending:
+            task.cancel()
 
     def _arm(self) -> None:
         if self.idle is not None:
@@ -131,7 +168,20 @@ class TcpResponder(asyncio.Protocol):
             if response is None:
                 self.close()  # RFC 7766 6.2.4: close rather than leave a query unanswered
                 return
+            if isinstance(response, bytes):
+                self.transport.write(len(response).to_bytes(2, "big") + response)
+                continue
+            task = asyncio.ensure_future(response)
+            self.pending.add(task)
+            task.add_done_callback(self._write_later)
+
+    def _write_later(self, task: asyncio.Task[bytes]) -> None:
+        self.pending.discard(task)
+        response = _result(task)
+        if response is not None and self.transport is not None:
             self.transport.write(len(response).to_bytes(2, "big") + response)
+        if self.eof and not self.pending:
+            self.close()
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its queries until it does.
@@ -146,6 +196,9 @@ class TcpResponder(asyncio.Protocol):
             self._drain()
 
     def eof_received(self) -> bool | None:
+        if self.pending:  # forwarded answers are still to come: close after the last
+            self.eof = True
+            return True
         return None  # close once pending answers are written
 
 
