@@ -214,6 +214,9 @@ async def test_repeated_zone_flag() -> None:
         (["--no-such-flag"], {}, "--no-such-flag"),
         (["--log-level", "loud"], {}, "--log-level"),
         (["--workers", "0"], {}, "--workers"),
+        (["--upstream", "/nonexistent/resolv.conf"], {}, "cannot read /nonexistent/resolv.conf"),
+        ([], {"DISCOVERY_UPSTREAM": "/dev/null"}, "--upstream: /dev/null names no nameserver"),
+        (["--upstream", "dns.example"], {}, "must be an IP address"),
     ],
     ids=[
         "bad-int",
@@ -224,6 +227,9 @@ async def test_repeated_zone_flag() -> None:
         "unknown-flag",
         "bad-log-level",
         "no-workers",
+        "unreadable-resolv-conf",
+        "resolv-conf-without-nameserver",
+        "upstream-not-an-address",
     ],
 )
 async def test_bad_option_exits_2(args: list[str], env: dict[str, str], mentions: str) -> None:
