@@ -9,13 +9,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import Config, ConfigError, HostPort, normalize_zone, parse_upstreams
+from .server import Server
+from .workers import Supervisor
 
 log = logging.getLogger("discovery")
 DEFAULT_CNI_SOCKET = "/run/discovery/cni.sock"  # = discovery.net.cni.DEFAULT_SOCKET
@@ -66,7 +66,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ),
     ("--upstream-timeout", float, 2.0, "seconds to wait for one upstream's answer"),
     ("--upstream-cache-size", int, 10000, "answers from upstreams kept in memory (0: none)"),
-    ("--workers", int, 1, "DNS worker processes sharing the port (SO_REUSEPORT)"),
+    ("--workers", int, 1, "server processes sharing the listeners (more than 1 needs --etcd)"),
     ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
     ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
     ("--log-level", _log_level, "info", "debug, info, warning or error"),
@@ -141,32 +141,6 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     )
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _install_loop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def _serve(config: Config) -> None:
-    from .server import Server
-
-    server = Server(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.request_stop)
-    await server.serve()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,10 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from(args, dict(os.environ))
     except ConfigError as error:
         parser.error(str(error))
-    _setup_logging(config.log_level)
-    _install_loop()
+    config.setup_logging()
     try:
-        asyncio.run(_serve(config))
+        sockets = config.bind_sockets()
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    if config.workers > 1:
+        return Supervisor(config, sockets).run()
+    config.setup_event_loop()
+    try:
+        asyncio.run(Server(config).serve(sockets))
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1

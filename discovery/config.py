@@ -1,10 +1,24 @@
-"""One frozen Config, validated once when the process starts."""
+"""One frozen Config, validated once when the process starts, and the process set-up it
+implies: logging, the event loop, the listening sockets (bound once, by the first process)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import ipaddress
+import logging
+import os
 import re
+import socket
+import stat
+import sys
 from dataclasses import dataclass, field
+
+log = logging.getLogger("discovery")
+
+LISTEN_BACKLOG = 1024
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class ConfigError(ValueError):
@@ -114,6 +128,9 @@ class Config:
     upstream_timeout: float = 2.0
     upstream_cache_size: int = 10000
     workers: int = 1
+    # The node lease ID every worker of this node shares (0: the store picks one). Not a
+    # flag: the parent of several workers chooses it, so the lease is granted only once.
+    node_lease: int = 0
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1024
     log_level: str = "info"
@@ -143,6 +160,13 @@ class Config:
             raise ConfigError("--etcd-user and --etcd-password go together")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if self.workers > 1 and not self.etcd:
+            raise ConfigError(
+                f"--workers {self.workers} needs --etcd: each worker process keeps its own copy"
+                " of the registry by watching etcd (the embedded store lives in one process)"
+            )
+        if not 0 <= self.node_lease < 2**63:
+            raise ConfigError("the node lease ID must be a positive 64-bit integer")
         if self.tcp_idle_timeout <= 0 or self.tcp_max_connections < 1:
             raise ConfigError("TCP idle timeout and connection cap must be positive")
         if not is_node_name(self.node):
@@ -167,3 +191,173 @@ class Config:
             raise ConfigError("--upstream-timeout must be between 0 and 60 seconds")
         if not 0 <= self.upstream_cache_size <= 10_000_000:
             raise ConfigError("--upstream-cache-size must be between 0 and 10000000")
+
+    def setup_logging(self) -> None:
+        logging.basicConfig(
+            level=getattr(logging, self.log_level.upper(), logging.INFO),
+            format=LOG_FORMAT,
+            stream=sys.stderr,
+        )
+
+    def setup_event_loop(self) -> None:
+        """uvloop for every loop this process runs, where it is installed."""
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    def bind_sockets(self) -> Sockets:
+        """Bind every listener (logging the addresses bound): the server, or the parent of
+        several workers that all serve on these same sockets, takes them from here."""
+        dns_udp, dns_tcp = _bind_dns(self.dns)
+        http = cni = None
+        try:
+            http = _bind_tcp(self.http)
+            if self.cni_socket:
+                cni = _bind_unix(self.cni_socket, required=not self.cni_socket_default)
+        except BaseException:
+            for sock in (dns_udp, dns_tcp, http):
+                if sock is not None:
+                    sock.close()
+            raise
+        sockets = Sockets(dns_udp, dns_tcp, http, cni, self.cni_socket if cni else "")
+        log.info("DNS listening on %s:%d (udp, tcp)", *sockets.dns_address)
+        log.info("HTTP listening on http://%s:%d", *sockets.http_address)
+        if cni is not None:
+            log.info("CNI socket listening on %s", self.cni_socket)
+        elif self.cni_socket_default and not self.cni_socket:
+            log.info("no CNI socket: not running as root (--cni-socket PATH to ask for one)")
+        return sockets
+
+
+@dataclass(frozen=True, slots=True)
+class Sockets:
+    """The listening sockets of a server: DNS over UDP and TCP on one port, HTTP, and the
+    CNI agent's Unix socket (None when there is none). Workers inherit them from the process
+    that bound them; only that process removes the Unix socket's file."""
+
+    dns_udp: socket.socket
+    dns_tcp: socket.socket
+    http: socket.socket
+    cni: socket.socket | None = None
+    cni_path: str = ""
+    owner: int = field(default_factory=os.getpid)
+    cni_inode: tuple[int, int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.cni_path and self.cni_inode is None:
+            info = os.stat(self.cni_path)
+            object.__setattr__(self, "cni_inode", (info.st_dev, info.st_ino))
+
+    @property
+    def dns_address(self) -> tuple[str, int]:
+        host, port = self.dns_udp.getsockname()[:2]
+        return host, port
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        host, port = self.http.getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        """Close what is still open here (a transport that took a socket closed it already);
+        in the process that bound it, remove the Unix socket's file if it is still ours."""
+        for sock in (self.dns_udp, self.dns_tcp, self.http, self.cni):
+            if sock is not None:
+                sock.close()
+        if self.cni_path and self.cni_inode is not None and os.getpid() == self.owner:
+            with contextlib.suppress(OSError):
+                info = os.stat(self.cni_path)
+                if (info.st_dev, info.st_ino) == self.cni_inode:
+                    os.unlink(self.cni_path)
+
+
+def _address(
+    where: HostPort, kind: socket.SocketKind
+) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The first address the listener's host resolves to, as asyncio's endpoints take it."""
+    family, _, _, _, address = socket.getaddrinfo(
+        where.host, where.port, type=kind, flags=socket.AI_PASSIVE
+    )[0]
+    return family, (str(address[0]), where.port)
+
+
+def _bind_tcp(where: HostPort, port: int | None = None) -> socket.socket:
+    family, address = _address(where, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address[0], where.port if port is None else port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_dns(where: HostPort) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP on one port; port 0 picks one that is free for both."""
+    family, address = _address(where, socket.SOCK_DGRAM)
+    attempts = 20 if where.port == 0 else 1
+    for attempt in range(attempts):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            udp.bind(address)
+            return udp, _bind_tcp(where, udp.getsockname()[1])
+        except OSError as error:
+            udp.close()
+            if error.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
+        except BaseException:
+            udp.close()
+            raise
+    raise OSError(errno.EADDRINUSE, "no free port for DNS")  # pragma: no cover
+
+
+def _bind_unix(path: str, required: bool) -> socket.socket | None:
+    """A listening Unix socket at `path`, mode 0600; a stale file is replaced. A path that
+    a live server answers on is an error when `required`, else a warning and no socket."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is never reachable by anyone else, not even briefly
+        try:
+            sock.bind(path)
+        except OSError as error:
+            sock.close()
+            if error.errno != errno.EADDRINUSE:
+                raise
+            if _answering(path):
+                message = f"CNI socket {path} is in use by another server"
+                if required:
+                    raise OSError(errno.EADDRINUSE, message) from None
+                log.warning("%s: serving no CNI socket", message)
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # left by a server that died
+                else:
+                    raise OSError(errno.EEXIST, f"{path} exists and is not a socket") from None
+            continue
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+    raise OSError(errno.EADDRINUSE, f"cannot bind the CNI socket {path}")
+
+
+def _answering(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

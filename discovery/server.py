@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .api import Context, create_app
-from .config import Config
+from .config import Config, Sockets
 from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
 from .dns.resolver import Resolver
@@ -21,11 +23,10 @@ from .metrics import Metrics
 from .model import records_prefix
 from .net import routes as network_routes
 from .net.ipam import Ipam
-from .registry import Registry
+from .registry import Changes, Registry
 from .store.base import Store, StoreUnavailable
 from .store.embedded import EmbeddedStore
 from .watcher import Watcher
-from .workers import FeedServer, Supervisor
 
 if TYPE_CHECKING:
     from .net.agent import CniAgent
@@ -59,15 +60,26 @@ def _glue_address(host: str) -> str | None:
     return None if address.is_unspecified else address.compressed
 
 
-class Server:
-    """Runtime state of one process: created from a Config, started, stopped."""
+class _FreezeAfterLoad:
+    """After each full load: the registry and its answers are long-lived and acyclic, so
+    keep them out of the collector's full passes, which would otherwise walk every record
+    now and then (a process-wide effect: only Server.serve subscribes it)."""
 
-    def __init__(self, config: Config, store: Store | None = None, http: bool = True) -> None:
-        """`http=False` makes a DNS-only worker (see workers.py) reading `store`."""
+    def reset(self, registry: Registry) -> None:
+        gc.freeze()
+
+    def update(self, registry: Registry, changes: Changes) -> None:
+        pass
+
+
+class Server:
+    """Runtime state of one process: created from a Config, started, stopped. With
+    `--workers N` each of the N processes runs one, on the sockets its parent bound."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.store = store if store is not None else make_store(config)
-        self.serves_http = http
         settings = DnsSettings(
             config.zones, config.dns_ttl, config.negative_ttl, _glue_address(config.dns.host)
         )
@@ -85,16 +97,22 @@ class Server:
         )
         self.resolver = Resolver(self.answers, forwarder=self.forwarder)
         self.watcher = Watcher(self.store, self.registry, records_prefix(config.etcd_prefix))
-        self.ipam = Ipam(self.store, self.registry, config.node, config.node_ip, config.node_ttl)
+        self.ipam = Ipam(
+            self.store,
+            self.registry,
+            config.node,
+            config.node_ip,
+            config.node_ttl,
+            lease_id=config.node_lease,
+        )
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
         self.http_address: tuple[str, int] = (config.http.host, config.http.port)
         self._tasks: list[asyncio.Task[None]] = []
+        self._sockets: Sockets | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: TcpConnections | None = None
         self._runner: web.AppRunner | None = None
-        self._feed: FeedServer | None = None
-        self._supervisor: Supervisor | None = None
         self.cni: CniAgent | None = None
         self._stop = asyncio.Event()
 
@@ -103,25 +121,24 @@ class Server:
         """The HTTP application once started (its router is the one list of routes)."""
         return self._runner.app if self._runner is not None else None
 
-    async def startup(self) -> None:
+    async def startup(self, sockets: Sockets | None = None) -> None:
+        """Serve on `sockets`, or on sockets bound here from the config."""
         config = self.config
         self._tasks = [
             asyncio.create_task(self.watcher.run(), name="watch"),
             asyncio.create_task(self.watcher.probe(), name="probe"),
         ]
         try:
+            self._sockets = sockets if sockets is not None else config.bind_sockets()
+            self.dns_address = self._sockets.dns_address
+            self.http_address = self._sockets.http_address
             self._udp, self._tcp, self._connections = await open_listeners(
-                config.dns.host,
-                config.dns.port,
+                self._sockets.dns_udp,
+                self._sockets.dns_tcp,
                 self.resolver.answer,
                 config.tcp_idle_timeout,
                 config.tcp_max_connections,
-                reuse_port=config.workers > 1,
             )
-            self.dns_address = self._udp.get_extra_info("sockname")[:2]
-            log.info("DNS listening on %s:%d (udp, tcp)", *self.dns_address)
-            if not self.serves_http:
-                return
             self.metrics.watch(
                 self.registry, self.answers, self.watcher, self.resolver.stats, self._connections
             )
@@ -132,22 +149,12 @@ class Server:
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
             self._tasks.append(asyncio.create_task(self._adopt_node_lease(), name="node-lease"))
             await self._runner.setup()
-            site = web.TCPSite(self._runner, config.http.host, config.http.port, backlog=1024)
+            site = web.SockSite(self._runner, self._sockets.http, backlog=1024)
             await site.start()
-            self.http_address = self._runner.addresses[0][:2]
             await self._start_cni()
-            if config.workers > 1:
-                if not config.etcd:
-                    self._feed = FeedServer(self.store)
-                    await self._feed.start()
-                self._supervisor = Supervisor(config, self.dns_address, self._feed)
-                await self._supervisor.start()
         except BaseException:
             await self.shutdown()
             raise
-        log.info("HTTP listening on http://%s:%d", *self.http_address)
-        if config.workers > 1:
-            log.info("%d DNS worker processes share the DNS port", config.workers - 1)
         store = f"etcd {','.join(map(str, config.etcd))}" if config.etcd else "embedded store"
         log.info("zones %s; %s", ", ".join(config.zones), store)
         if config.upstream:
@@ -155,10 +162,6 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop taking work, finish what is in flight, then release the store."""
-        if self._supervisor is not None:
-            await self._supervisor.stop()
-        if self._feed is not None:
-            await self._feed.close()
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -173,6 +176,8 @@ class Server:
         if self.cni is not None:
             await self.cni.close()
             self.cni = None
+        if self._sockets is not None:
+            self._sockets.close()  # those no transport took (a start-up that failed halfway)
         await self.ipam.close()
         if self.forwarder is not None:
             await self.forwarder.close()
@@ -182,28 +187,22 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
-        self._udp = self._tcp = self._connections = self._runner = None
-        self._feed = self._supervisor = None
+        self._udp = self._tcp = self._connections = self._runner = self._sockets = None
         self._tasks = []
 
     async def _start_cni(self) -> None:
-        config = self.config
-        if not config.cni_socket:
-            if config.cni_socket_default:
-                log.info("no CNI socket: not running as root (--cni-socket PATH to ask for one)")
+        assert self._sockets is not None
+        if self._sockets.cni is None:
             return
         from .net.agent import CniAgent  # pyroute2: only when this node plumbs containers
 
-        agent = CniAgent(self.ipam, config.zones[0])
+        agent = CniAgent(self.ipam, self.config.zones[0])
         try:
-            started = await agent.start(config.cni_socket, required=not config.cni_socket_default)
+            await agent.start(self._sockets.cni)
         except BaseException:
             await agent.close()
             raise
-        if started:
-            self.cni = agent
-        else:
-            await agent.close()
+        self.cni = agent
 
     async def _adopt_node_lease(self) -> None:
         """After the first load: a restarted node keeps its blocks (their lease) alive."""
@@ -219,13 +218,24 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        await self.startup()
+    async def serve(self, sockets: Sockets | None = None) -> None:
+        """Run as this process's server until SIGTERM or SIGINT (or request_stop).
+
+        Process-wide effects belong here, not in startup(), which tests run many times
+        in one process: the signal handlers, and gc.freeze() after each full load.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        self.registry.subscribe(_FreezeAfterLoad())
+        await self.startup(sockets)
         try:
             await self._stop.wait()
         finally:
             log.info("shutting down")
             await self.shutdown()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
 
 
 @contextlib.asynccontextmanager

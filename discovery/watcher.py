@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import time
@@ -64,9 +63,6 @@ class Watcher:
                     snapshot = await self.store.load(self.prefix)
                     self.registry.load(snapshot)
                     self._needs_load = False
-                    # The registry is long-lived and acyclic: keep it out of the collector's
-                    # full passes, which would otherwise walk every record now and then.
-                    gc.freeze()
                     log.info(
                         "loaded %d records at revision %d", len(snapshot.items), snapshot.revision
                     )

@@ -1,9 +1,11 @@
-"""`--workers N`: N processes answering DNS on one port (SO_REUSEPORT).
+"""`--workers N` the way uvicorn runs workers: the parent binds the listening sockets and
+starts N processes, each running the same Server on those sockets (the kernel hands each
+datagram and connection to one of them); it restarts a worker that dies and stops them all
+on SIGTERM or SIGINT. Each worker keeps its own registry by watching etcd, so more than one
+worker needs --etcd (Config refuses it otherwise).
 
-The first process runs everything (HTTP API, store, DNS). Each further process is a DNS
-worker with its own cache and watcher. With etcd a worker watches etcd itself; with the
-embedded store, which lives in the first process, a worker reads it through a feed: a
-Unix socket over which the first process serves `load`, `watch` and `revision`.
+No polling on either side: the parent waits on each worker's pidfd, a worker on its
+parent's pidfd (a worker must not outlive its parent, even one killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -14,219 +16,161 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import pickle
+import secrets
 import signal
-import struct
-import tempfile
-from collections.abc import AsyncIterator
+import time
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
 
-from .config import Config, HostPort
-from .store.base import Compacted, Event, Snapshot, Store, StoreError, StoreUnavailable
-
-if TYPE_CHECKING:
-    from .server import Server
+from .config import Config, Sockets
+from .server import Server
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">I")
+STOP_TIMEOUT = 15.0  # seconds workers get to finish after SIGTERM before SIGKILL
+QUICK_EXIT = 1.0  # a worker that dies sooner than this after its start is restarted...
+RESTART_DELAY = 1.0  # ...this much later, so one that cannot start does not spin
 
 
-async def _send(writer: asyncio.StreamWriter, message: object) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(data)) + data)
-    await writer.drain()
-
-
-async def _receive(reader: asyncio.StreamReader) -> Any:
-    size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
-    return pickle.loads(await reader.readexactly(size))  # our own process, our own socket
-
-
-class FeedServer:
-    """Serves the read side of the first process's store to DNS workers."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.directory = tempfile.mkdtemp(prefix="discovery-feed-")
-        self.path = os.path.join(self.directory, "feed.sock")
-        self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
-        os.chmod(self.path, 0o600)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            op, prefix, start = await _receive(reader)
-            if op == "load":
-                await _send(writer, ("ok", await self.store.load(prefix)))
-            elif op == "revision":
-                await _send(writer, ("ok", await self.store.revision()))
-            elif op == "watch":
-                try:
-                    async for batch in self.store.watch(prefix, start):
-                        await _send(writer, ("events", batch))
-                except Compacted as error:
-                    await _send(writer, ("compacted", error.compact_revision))
-        except (asyncio.IncompleteReadError, ConnectionError, StoreError):
-            pass
-        except asyncio.CancelledError:
-            pass  # shutdown: the task ends here, its stream callback must not see the cancel
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-            os.rmdir(self.directory)
-
-
-class FeedStore:
-    """A worker's view of the first process's embedded store: read side only."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    async def _call(self, op: str, prefix: bytes = b"", start: int = 0) -> Any:
-        try:
-            reader, writer = await asyncio.open_unix_connection(self.path)
-        except OSError as error:
-            raise StoreUnavailable(f"feed unreachable: {error}") from None
-        try:
-            await _send(writer, (op, prefix, start))
-            _, value = await _receive(reader)
-            return value
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
-            raise StoreUnavailable(f"feed closed: {error}") from None
-        finally:
-            writer.close()
-
-    async def load(self, prefix: bytes) -> Snapshot:
-        snapshot: Snapshot = await self._call("load", prefix)
-        return snapshot
-
-    async def revision(self) -> int:
-        revision: int = await self._call("revision")
-        return revision
-
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[list[Event]]:
-        try:
-            reader, writer = await asyncio.open_unix_connection(self.path)
-        except OSError as error:
-            raise StoreUnavailable(f"feed unreachable: {error}") from None
-        try:
-            await _send(writer, ("watch", prefix, start_revision))
-            while True:
-                kind, value = await _receive(reader)
-                if kind == "compacted":
-                    raise Compacted(value)
-                yield value
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
-            raise StoreUnavailable(f"feed closed: {error}") from None
-        finally:
-            writer.close()
-
-    async def _read_only(self, *args: object) -> Any:
-        raise StoreError("a DNS worker does not write to the store")
-
-    grant = keepalive = time_to_live = revoke = _read_only
-    put = get = delete = compact = _read_only
-
-    async def close(self) -> None:
-        pass
-
-
-def _worker_main(config: Config, feed_path: str | None, number: int) -> None:
-    from .cli import _install_loop, _setup_logging
-
-    _setup_logging(config.log_level)
-    _install_loop()
+def run_worker(config: Config, sockets: Sockets, parent: int, number: int) -> None:
+    """A worker process's entry point (multiprocessing, spawn)."""
+    config.setup_logging()
+    config.setup_event_loop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run_worker(config, feed_path, number))
+        asyncio.run(_serve_worker(config, sockets, parent, number))
 
 
-async def _run_worker(config: Config, feed_path: str | None, number: int) -> None:
-
-    from .server import Server
-
-    store = FeedStore(feed_path) if feed_path else None
-    server = Server(config, store=store, http=False)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.request_stop)
-    log.info("DNS worker %d starting", number)
-    orphaned = asyncio.create_task(_stop_when_orphaned(server))
+async def _serve_worker(config: Config, sockets: Sockets, parent: int, number: int) -> None:
     try:
-        await server.serve()
+        parent_fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        log.warning("worker %d: the parent process is gone before the start", number)
+        return
+    try:
+        if os.getppid() != parent:  # it died (its pid maybe reused) before pidfd_open
+            log.warning("worker %d: the parent process is gone before the start", number)
+            return
+        server = Server(config)
+        loop = asyncio.get_running_loop()
+
+        def orphaned() -> None:
+            loop.remove_reader(parent_fd)
+            log.warning("worker %d: the parent process is gone: stopping", number)
+            server.request_stop()
+
+        loop.add_reader(parent_fd, orphaned)
+        log.info("worker %d started (pid %d)", number, os.getpid())
+        try:
+            await server.serve(sockets)
+        finally:
+            loop.remove_reader(parent_fd)
     finally:
-        orphaned.cancel()
+        os.close(parent_fd)
 
 
-async def _stop_when_orphaned(server: Server) -> None:
-    """A worker must not outlive the first process (even one killed with SIGKILL)."""
-    parent = os.getppid()
-    while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for a parent's death
-        await asyncio.sleep(1.0)
-    log.warning("the first process is gone: DNS worker stopping")
-    server.request_stop()
+@dataclasses.dataclass
+class _Worker:
+    number: int
+    process: BaseProcess
+    pidfd: int
+    started: float
+    exited: asyncio.Future[int | None]
 
 
 class Supervisor:
-    """Starts the DNS workers, restarts one that dies, stops them all on shutdown."""
+    """The parent of the worker processes: starts N, restarts one that dies, stops all."""
 
-    def __init__(self, config: Config, dns: tuple[str, int], feed: FeedServer | None) -> None:
-        # Workers bind the port the first process got (it may have asked for port 0).
-        self.config = dataclasses.replace(config, dns=HostPort(dns[0], dns[1]))
-        self.feed = feed
-        self.processes: dict[int, BaseProcess] = {}
+    def __init__(self, config: Config, sockets: Sockets) -> None:
+        if config.node_lease == 0:
+            # One node, one lease: the workers grant it under one ID (see NodeLease).
+            config = dataclasses.replace(config, node_lease=secrets.randbits(62) + 1)
+        self.config = config
+        self.sockets = sockets
+        self.workers: dict[int, _Worker] = {}
         self._context = multiprocessing.get_context("spawn")
-        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop = asyncio.Event()
+
+    def run(self) -> int:
+        """Supervise until SIGTERM or SIGINT; the exit code of the command."""
+        self.config.setup_event_loop()
+        try:
+            asyncio.run(self._run())
+        finally:
+            self.sockets.close()
+        return 0
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        try:
+            for number in range(self.config.workers):
+                self._spawn(number)
+            log.info("%d worker processes serve the sockets", self.config.workers)
+            await self._stop.wait()
+        finally:
+            log.info("stopping the workers")
+            await self._stop_all()
 
     def _spawn(self, number: int) -> None:
-        path = self.feed.path if self.feed is not None else None
+        if self._stopping:
+            return
         process = self._context.Process(
-            target=_worker_main,
-            args=(self.config, path, number),
-            daemon=True,
-            name=f"discovery-dns-{number}",
+            target=run_worker,
+            args=(self.config, self.sockets, os.getpid(), number),
+            name=f"discovery-worker-{number}",
         )
         process.start()
-        self.processes[number] = process
-
-    async def start(self) -> None:
-        for number in range(1, self.config.workers):
-            self._spawn(number)
-        self._monitor = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            for number, process in list(self.processes.items()):
-                if not process.is_alive():
-                    log.warning("DNS worker %d exited (%s): restarting", number, process.exitcode)
-                    self._spawn(number)
-
-    async def stop(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-        for process in self.processes.values():
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+        assert process.pid is not None
         loop = asyncio.get_running_loop()
-        for process in self.processes.values():
-            await loop.run_in_executor(None, process.join, 10)
-            if process.is_alive():
-                process.kill()
+        pidfd = os.pidfd_open(process.pid)
+        worker = _Worker(number, process, pidfd, time.monotonic(), loop.create_future())
+        self.workers[number] = worker
+        loop.add_reader(worker.pidfd, self._reap, worker)
+
+    def _reap(self, worker: _Worker) -> None:
+        """The worker's pidfd is readable: it has exited."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        worker.process.join()  # at once: it has exited
+        code = worker.process.exitcode
+        worker.exited.set_result(code)
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        if self._stopping:
+            return
+        lived = time.monotonic() - worker.started
+        delay = RESTART_DELAY if lived < QUICK_EXIT else 0.0
+        log.warning(
+            "worker %d (pid %d) exited with %s: restarting%s",
+            worker.number,
+            worker.process.pid,
+            code,
+            f" in {delay:.0f} s" if delay else "",
+        )
+        loop.call_later(delay, self._spawn, worker.number)
+
+    async def _stop_all(self) -> None:
+        self._stopping = True
+        workers = list(self.workers.values())
+        for worker in workers:
+            _signal(worker, signal.SIGTERM)
+        exits = [worker.exited for worker in workers]
+        if not exits:
+            return
+        _, pending = await asyncio.wait(exits, timeout=STOP_TIMEOUT)
+        for worker in workers:
+            if not worker.exited.done():
+                log.warning("worker %d did not stop in time: killing it", worker.number)
+                _signal(worker, signal.SIGKILL)
+        if pending:
+            await asyncio.wait(pending)
+
+
+def _signal(worker: _Worker, signum: int) -> None:
+    """Signal through the pidfd (open until the worker is reaped): never a process that
+    reused the pid."""
+    if not worker.exited.done():
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(worker.pidfd, signum)

@@ -25,6 +25,7 @@ from discovery.store.base import (
     Event,
     EventType,
     KeyValue,
+    LeaseExists,
     LeaseNotFound,
     Put,
     Store,
@@ -134,6 +135,18 @@ async def test_grant_put_get(store: Store) -> None:
     assert plain.revision > result.revision
     assert await store.get(P + b"b") == KeyValue(P + b"b", b"two", plain.revision, 0)
     assert await store.revision() == plain.revision
+
+
+async def test_grant_with_a_chosen_id_succeeds_once_while_the_lease_lives(store: Store) -> None:
+    chosen = 0x5EED_0000_0042
+    assert await store.grant(10, chosen) == chosen
+    with pytest.raises(LeaseExists):
+        await store.grant(10, chosen)  # what a second worker of the same node sees
+    assert await store.keepalive(chosen) == 10
+    picked = await store.grant(10)
+    assert picked not in (0, chosen)
+    await store.revoke(chosen)
+    assert await store.grant(10, chosen) == chosen  # gone: the ID can be granted again
 
 
 async def test_put_returns_previous_value(store: Store) -> None:

@@ -1,36 +1,38 @@
-"""`--workers N`: several processes answer on one DNS port, each with its own cache."""
+"""`--workers N`: the parent binds the sockets, N processes serve them, each with its own
+watch on etcd; a dead worker is replaced; the workers stop with their parent."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
-import socket
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import dns.asyncquery
 import dns.exception
 import dns.message
 import dns.rcode
-from test_cli import serve
+import etcd_support
+import pytest
+from test_cli import Process, register, run_to_exit, serve, tcp_refused, udp_free
+from test_networks import attach, put_network
+from test_replicas import replica, session, synced
+
+EtcdServer = etcd_support.EtcdServer
+etcd_server = etcd_support.etcd_server
+open_etcd_store = etcd_support.open_etcd_store
+_fixtures = (session,)  # imported for pytest
 
 NAME = "web.default.svc.cluster.local"
+pytestmark = pytest.mark.etcd
 
 
-def udp_sockets_on(port: int) -> int:
-    """How many UDP sockets are bound to the port (SO_REUSEPORT lets several)."""
-    count = 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        with open(table) as rows:
-            for row in list(rows)[1:]:
-                local = row.split()[1]
-                if int(local.rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
-
-
-def workers_of(pid: int) -> set[int]:
-    """The DNS worker processes of a server (not multiprocessing's resource tracker)."""
+def workers_of(parent: int) -> set[int]:
+    """The worker processes of a server (not multiprocessing's resource tracker)."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -38,68 +40,193 @@ def workers_of(pid: int) -> set[int]:
         try:
             with open(f"/proc/{entry}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                is_worker = b"spawn_main" in cmdline.read()
         except OSError:
             continue
-        with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-            is_tracker = b"resource_tracker" in cmdline.read()
-        if int(fields[1]) == pid and not is_tracker:
+        if int(fields[1]) == parent and is_worker:
             found.add(int(entry))
     return found
 
 
-async def eventually(check: object, timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
     """Poll a condition another process brings about: there is no event to await."""
-    assert callable(check)
     async with asyncio.timeout(timeout):
         while not await check():  # noqa: ASYNC110 - the change happens in another process
             await asyncio.sleep(0.05)
 
 
-async def answer_from_new_sockets(host: str, port: int, count: int) -> set[str]:
-    """Ask from `count` fresh sockets: their source ports spread over the workers."""
-    answers: set[str] = set()
+async def exited(pids: set[int], timeout: float = 20.0) -> None:
+    """Wait until every process has exited: their pidfds become readable (no polling)."""
+    loop = asyncio.get_running_loop()
+    waits: list[asyncio.Future[None]] = []
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # gone already
+                fd = os.pidfd_open(pid)
+                fds.append(fd)
+                done: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, lambda d=done: d.done() or d.set_result(None))
+                waits.append(done)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*waits)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+async def answers(address: tuple[str, int], count: int) -> list[str]:
+    """`count` queries in a row: each answer's address, rcode or "timeout"."""
+    seen = []
     for _ in range(count):
+        query = dns.message.make_query(NAME, "A")
         try:
-            response = await dns.asyncquery.udp(
-                dns.message.make_query(NAME, "A"), host, port=port, timeout=2
-            )
+            response = await dns.asyncquery.udp(query, address[0], port=address[1], timeout=2)
         except dns.exception.Timeout:
-            answers.add("timeout")  # e.g. sent to the socket of a worker being killed
+            seen.append("timeout")  # e.g. read by a worker being killed
             continue
         if response.rcode() != dns.rcode.NOERROR:
-            answers.add(dns.rcode.to_text(response.rcode()))
-        answers |= {rr.to_text() for rrset in response.answer for rr in rrset}
-    return answers
+            seen.append(dns.rcode.to_text(response.rcode()))
+        seen += [rr.to_text() for rrset in response.answer for rr in rrset]
+    return seen
 
 
-async def test_workers_share_the_port_and_each_answers_from_its_own_cache() -> None:
-    async with serve("--workers", "2") as process, aiohttp.ClientSession() as session:
-        host, port = process.dns
-        await eventually(lambda: asyncio.sleep(0, udp_sockets_on(port) == 2))
-        workers = workers_of(process.proc.pid)
-        assert workers, "no worker process"
+@contextlib.asynccontextmanager
+async def workers(etcd: EtcdServer, count: int, *args: str) -> AsyncIterator[Process]:
+    """`discovery serve --workers COUNT` on etcd, once all its workers are running."""
+    async with serve("--workers", str(count), "--etcd", etcd.client_url, *args) as process:
 
-        url = f"http://{process.http[0]}:{process.http[1]}/v1/services/default/web/instances/a"
-        async with session.put(url, json={"address": "10.9.8.7"}) as response:
-            assert response.status == 201
+        async def all_running() -> bool:
+            started = "".join(process.stderr).count(" started (pid ")
+            return started == count and len(workers_of(process.proc.pid)) == count
 
-        async def everyone_knows() -> bool:
-            return await answer_from_new_sockets(host, port, 16) == {"10.9.8.7"}
+        await eventually(all_running)
+        yield process
 
-        await eventually(everyone_knows)
 
-        # A worker that dies is replaced, and the new one loads the registry first.
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
+async def test_more_than_one_worker_needs_etcd() -> None:
+    code, _, stderr = await run_to_exit(
+        "serve", "--dns", "127.0.0.1:0", "--http", "127.0.0.1:0", "--workers", "2"
+    )
+    assert code == 2, stderr
+    assert "--workers 2 needs --etcd" in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_workers_serve_the_parents_sockets_and_a_dead_one_is_replaced(
+    etcd_server: EtcdServer,
+) -> None:
+    async with workers(etcd_server, 2) as process:
+        first = workers_of(process.proc.pid)
+        await register(process.http, "default", "web", "a", address="10.9.8.7")
+
+        async def all_answer() -> bool:
+            return set(await answers(process.dns, 16)) == {"10.9.8.7"}
+
+        await eventually(all_answer)
+
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        # The survivor reads the shared sockets meanwhile: answers keep coming.
+        during = await answers(process.dns, 20)
+        assert during.count("timeout") <= 1, during  # at most the one the victim had read
+        assert set(during) <= {"10.9.8.7", "timeout", "SERVFAIL"}, during
 
         async def replaced() -> bool:
             current = workers_of(process.proc.pid)
-            return bool(current) and not current & workers and udp_sockets_on(port) == 2
+            return len(current) == 2 and victim not in current
 
         await eventually(replaced)
-        await eventually(everyone_knows)
+        await eventually(all_answer)  # the new worker loaded the registry from etcd
+        assert "exited with -9: restarting" in "".join(process.stderr)
 
         assert await process.stop(signal.SIGTERM) == 0
-        assert udp_sockets_on(port) == 0
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            assert probe.connect_ex((host, port)) != 0
+        await exited(workers_of(process.proc.pid) | first)
+    assert "Traceback" not in "".join(process.stderr)
+
+
+async def test_sigterm_stops_every_worker_and_closes_the_sockets(
+    etcd_server: EtcdServer,
+) -> None:
+    async with workers(etcd_server, 3) as process:
+        pids = workers_of(process.proc.pid)
+        await register(process.http, "default", "web", "a", address="10.9.8.7")
+        assert "10.9.8.7" in await answers(process.dns, 1)
+        stopping = asyncio.create_task(exited(pids))
+        assert await process.stop(signal.SIGTERM) == 0
+        await stopping
+    assert tcp_refused(process.dns) and tcp_refused(process.http) and udp_free(process.dns)
+    assert "".join(process.stderr).count("shutting down") == 3
+    assert "Traceback" not in "".join(process.stderr)
+
+
+async def test_workers_stop_when_their_parent_is_killed(etcd_server: EtcdServer) -> None:
+    async with workers(etcd_server, 2) as process:
+        pids = workers_of(process.proc.pid)
+        process.proc.kill()  # SIGKILL: the parent cannot tell anyone
+        await exited(pids)
+        await process.proc.wait()
+    assert "".join(process.stderr).count("the parent process is gone: stopping") == 2
+    assert tcp_refused(process.dns) and tcp_refused(process.http) and udp_free(process.dns)
+
+
+def etcd_leases(etcd: EtcdServer) -> list[int]:
+    """Every lease etcd holds (its JSON gateway)."""
+    request = urllib.request.Request(f"{etcd.client_url}/v3/lease/leases", data=b"{}")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = json.load(response)
+    return [int(lease["ID"]) for lease in body.get("leases", [])]
+
+
+async def node_lease_holders(etcd: EtcdServer) -> set[int]:
+    """The leases the node's keys (blocks, attachments, addresses) are bound to."""
+    async with open_etcd_store(etcd) as store:
+        snapshot = await store.load(b"/discovery/v1/")
+    return {kv.lease for kv in snapshot.items if kv.lease}
+
+
+async def test_the_workers_of_one_node_take_one_node_lease(etcd_server: EtcdServer) -> None:
+    async with workers(etcd_server, 2, "--node", "n1") as process:
+        base = f"http://{process.http[0]}:{process.http[1]}"
+
+        async def put(path: str, body: object) -> tuple[int, object]:
+            # a connection of its own each: the workers take turns accepting them
+            async with aiohttp.ClientSession() as own, own.put(base + path, json=body) as reply:
+                return reply.status, await reply.json(content_type=None)
+
+        async def network_ready() -> bool:
+            status, _ = await put("/v1/networks/pods", {"subnet": "10.244.0.0/16"})
+            return status in (200, 201)  # 503 while a worker is still loading
+
+        await eventually(network_ready)
+        results = await asyncio.gather(
+            *(put(f"/v1/networks/pods/attachments/c{i}/eth0", None) for i in range(24))
+        )
+        assert all(status == 201 for status, _ in results), results
+        assert len({body["address"] for _, body in results}) == 24  # type: ignore[index]
+        assert len(etcd_leases(etcd_server)) == 1
+        assert await node_lease_holders(etcd_server) == set(etcd_leases(etcd_server))
+        assert await process.stop(signal.SIGTERM) == 0
+
+
+async def test_two_servers_sharing_a_node_lease_id_grant_it_once(
+    etcd_server: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    """What two workers of one node do, in one process: both need the lease at once."""
+    shared = 0x77_0000_0001
+    async with (
+        replica(etcd_server.endpoint, session, node="n1", node_lease=shared) as a,
+        replica(etcd_server.endpoint, session, node="n1", node_lease=shared) as b,
+    ):
+        await synced(a, b)
+        await put_network(a, node_prefix=24)
+        assert await b.wait_cache(lambda: b.server.registry.network("pods") is not None)
+        results = await asyncio.gather(
+            *(attach(server, f"c{n}-{i}") for n, server in enumerate((a, b)) for i in range(8))
+        )
+        assert all(status == 201 for status, _ in results), results
+        assert a.server.ipam.lease.id == b.server.ipam.lease.id == shared
+        assert etcd_leases(etcd_server) == [shared]
+        assert await node_lease_holders(etcd_server) == {shared}

@@ -203,30 +203,19 @@ class TcpResponder(asyncio.Protocol):
 
 
 async def open_listeners(
-    host: str,
-    port: int,
+    udp_sock: socket.socket,
+    tcp_sock: socket.socket,
     answer: Answerer,
     idle_timeout: float,
     max_connections: int,
-    reuse_port: bool = False,
 ) -> tuple[asyncio.DatagramTransport, asyncio.Server, TcpConnections]:
-    """UDP and TCP on the same address; port 0 picks one free for both."""
+    """Serve UDP and TCP on sockets bound already (by this process or its parent)."""
     loop = asyncio.get_running_loop()
     connections = TcpConnections(answer, idle_timeout, max_connections)
-    attempts = 20 if port == 0 else 1
-    for attempt in range(attempts):
-        udp, _ = await loop.create_datagram_endpoint(
-            lambda: UdpResponder(answer), local_addr=(host, port), reuse_port=reuse_port or None
-        )
-        bound = udp.get_extra_info("sockname")[1]
-        try:
-            tcp = await loop.create_server(
-                connections.protocol, host, bound, reuse_port=reuse_port or None, backlog=1024
-            )
-        except OSError:
-            udp.close()
-            if attempt == attempts - 1:
-                raise
-            continue
-        return udp, tcp, connections
-    raise OSError("no free port for DNS")  # pragma: no cover
+    udp, _ = await loop.create_datagram_endpoint(lambda: UdpResponder(answer), sock=udp_sock)
+    try:
+        tcp = await loop.create_server(connections.protocol, sock=tcp_sock, backlog=1024)
+    except BaseException:
+        udp.close()
+        raise
+    return udp, tcp, connections

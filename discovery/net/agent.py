@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 import socket
-import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,30 +78,19 @@ class CniAgent:
         self.registry = ipam.registry
         self.zone = zone
         self.netlink = Netlink()
-        self.path = ""
-        self._inode: tuple[int, int] | None = None
         self._runner: web.AppRunner | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
         self._releases: dict[Key, asyncio.Task[None]] = {}
 
     # lifecycle
 
-    async def start(self, path: str, required: bool) -> bool:
-        """Listen on `path` (mode 0600). A path held by a live server is an error when
-        `required`, else a warning and no socket."""
-        sock = _bind_unix(path, required)
-        if sock is None:
-            return False
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on the listening Unix socket (Config.bind_sockets made it, mode 0600)."""
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/v1/cni/{command}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
-        self.path = path
-        info = os.stat(path)
-        self._inode = (info.st_dev, info.st_ino)
-        log.info("CNI socket listening on %s", path)
-        return True
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -119,12 +105,6 @@ class CniAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._releases.clear()
-        if self._inode is not None:
-            with contextlib.suppress(OSError):
-                info = os.stat(self.path)
-                if (info.st_dev, info.st_ino) == self._inode:  # still ours: remove it
-                    os.unlink(self.path)
-            self._inode = None
         await asyncio.get_running_loop().run_in_executor(None, self.netlink.close)
 
     # HTTP
@@ -416,49 +396,3 @@ class CniAgent:
         removed = await self.netlink.call(self.netlink.sweep, req["bridge"], keep)
         if removed:
             log.info("GC removed stray host interfaces %s", ", ".join(removed))
-
-
-def _bind_unix(path: str, required: bool) -> socket.socket | None:
-    """A listening Unix socket at `path`, mode 0600; a stale file is replaced."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    for _ in range(2):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is never reachable by anyone else, not even briefly
-        try:
-            sock.bind(path)
-        except OSError as error:
-            sock.close()
-            if error.errno != errno.EADDRINUSE:
-                raise
-            if _answering(path):
-                message = f"CNI socket {path} is in use by another server"
-                if required:
-                    raise OSError(errno.EADDRINUSE, message) from None
-                log.warning("%s: serving no CNI socket", message)
-                return None
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)  # left by a server that died
-                else:
-                    raise OSError(errno.EEXIST, f"{path} exists and is not a socket") from None
-            continue
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
-    raise OSError(errno.EADDRINUSE, f"cannot bind the CNI socket {path}")
-
-
-def _answering(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

@@ -21,7 +21,15 @@ from typing import Any
 
 from ..model import InstanceKey, is_label
 from ..registry import Registry
-from ..store.base import Delete, LeaseNotFound, Put, Store, StoreError, StoreUnavailable
+from ..store.base import (
+    Delete,
+    LeaseExists,
+    LeaseNotFound,
+    Put,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from .records import (
     Attachment,
     AttachmentRequest,
@@ -56,13 +64,22 @@ def vtep_mac(node: str, network: str) -> str:
 class NodeLease:
     """This node's lease: every block, attachment and address key of the node is bound
     to it. Granted on first need, adopted again after a restart while it is still alive,
-    renewed at a third of its TTL."""
+    renewed at a third of its TTL.
 
-    def __init__(self, store: Store, registry: Registry, node: str, ttl: int) -> None:
+    The worker processes of one node (`--workers N`) share one lease: their parent picks
+    its ID (`lease_id`), the first worker to need it grants it, and the others find it
+    exists (LeaseExists) and use it. Each worker renews it; a lost lease is granted again
+    under the same ID, so the workers meet on it again.
+    """
+
+    def __init__(
+        self, store: Store, registry: Registry, node: str, ttl: int, lease_id: int = 0
+    ) -> None:
         self.store = store
         self.registry = registry
         self.node = node
         self.ttl = ttl
+        self.lease_id = lease_id
         self.id = 0
         self._lock = asyncio.Lock()
         self._renewing: asyncio.Task[None] | None = None
@@ -93,11 +110,30 @@ class NodeLease:
                 self.id = lease
                 break
             else:
-                self.id = await self.store.grant(self.ttl)
-                log.info("node %s holds lease %x (ttl %d s)", self.node, self.id, self.ttl)
+                self.id = await self._grant()
             if self._renewing is None or self._renewing.done():
                 self._renewing = asyncio.create_task(self._renew(), name="node-lease")
             return self.id
+
+    async def _grant(self) -> int:
+        if not self.lease_id:
+            lease = await self.store.grant(self.ttl)
+            log.info("node %s holds lease %x (ttl %d s)", self.node, lease, self.ttl)
+            return lease
+        for _ in range(3):  # granted, or alive: only a lease expiring right now repeats
+            try:
+                lease = await self.store.grant(self.ttl, self.lease_id)
+                log.info("node %s holds lease %x (ttl %d s)", self.node, lease, self.ttl)
+                return lease
+            except LeaseExists:
+                pass
+            try:
+                await self.store.keepalive(self.lease_id)
+            except LeaseNotFound:
+                continue
+            log.info("node %s shares lease %x with its other workers", self.node, self.lease_id)
+            return self.lease_id
+        raise StoreUnavailable(f"node lease {self.lease_id:x} neither grantable nor alive")
 
     def lost(self, lease: int) -> None:
         """The store says the lease is gone: the next call grants a new one."""
@@ -176,13 +212,14 @@ class Ipam:
         node: str,
         node_ip: str | None,
         node_ttl: int,
+        lease_id: int = 0,
     ) -> None:
         self.store = store
         self.registry = registry
         self.node = node
         self.node_ip = node_ip or ""
         self.keys = NetworkKeys(registry.prefix)
-        self.lease = NodeLease(store, registry, node, node_ttl)
+        self.lease = NodeLease(store, registry, node, node_ttl, lease_id)
         self._cursor: dict[str, int] = {}  # block -> offset of the last address handed out
         self._trying: set[tuple[str, str]] = set()  # (network, address) in a transaction now
         self._block_locks: dict[str, asyncio.Lock] = {}

@@ -35,6 +35,10 @@ class LeaseNotFound(StoreError):
     """The lease has expired, was revoked, or never existed."""
 
 
+class LeaseExists(StoreError):
+    """A grant asked for a lease ID that is alive already."""
+
+
 class Compacted(StoreError):
     """The requested watch start revision has been compacted away."""
 
@@ -100,8 +104,9 @@ class Snapshot:
 
 
 class Store(Protocol):
-    async def grant(self, ttl: int) -> int:
-        """A new lease that expires ttl seconds from now unless kept alive."""
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
+        """A new lease that expires ttl seconds from now unless kept alive: with the given
+        ID (raises LeaseExists while a lease has it), or one the store picks (0)."""
 
     async def keepalive(self, lease: int) -> int:
         """Renew the lease; returns its TTL. Raises LeaseNotFound."""

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from .base import LeaseNotFound, StoreError, StoreUnavailable, being_cancelled
+from .base import LeaseExists, LeaseNotFound, StoreError, StoreUnavailable, being_cancelled
 
 # gRPC codes that mean "etcd is unreachable or did not answer": the call may be retried,
 # on another endpoint. etcd itself answers UNAVAILABLE for "no leader" and "request timed out".
@@ -30,6 +30,7 @@ _UNAVAILABLE = frozenset(
 )
 _FAILED = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 _LEASE_NOT_FOUND = "requested lease not found"
+_LEASE_EXISTS = "lease already exists"
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # A restarted etcd is found again quickly (gRPC's default backoff grows to 120 s).
@@ -126,6 +127,8 @@ class EtcdConnection:
             message = f"etcd {self.endpoint}: {what}: {code.name}: {details}"
             if _LEASE_NOT_FOUND in details:
                 raise LeaseNotFound(details) from e
+            if _LEASE_EXISTS in details:
+                raise LeaseExists(details) from e
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(message) from e
             if code in _UNAVAILABLE:

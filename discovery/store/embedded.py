@@ -16,6 +16,7 @@ from .base import (
     Event,
     EventType,
     KeyValue,
+    LeaseExists,
     LeaseNotFound,
     Put,
     PutResult,
@@ -49,9 +50,12 @@ class EmbeddedStore:
 
     # leases
 
-    async def grant(self, ttl: int) -> int:
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
         self._check_open()
-        lease_id = next(self._lease_ids)
+        if lease_id in self._leases:
+            raise LeaseExists(f"lease {lease_id:x} exists")
+        while not lease_id or lease_id in self._leases:
+            lease_id = next(self._lease_ids)
         lease = _Lease(ttl=ttl, deadline=0.0)
         self._leases[lease_id] = lease
         self._arm(lease_id, lease)

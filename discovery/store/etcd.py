@@ -242,8 +242,8 @@ class EtcdStore:
 
     # leases
 
-    async def grant(self, ttl: int) -> int:
-        request = rpc.LeaseGrantRequest(TTL=ttl)
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
+        request = rpc.LeaseGrantRequest(TTL=ttl, ID=lease_id)
         response = await self._call(lambda c: c.lease.LeaseGrant(request, **c.call_args))
         if response.error:
             raise StoreError(f"lease grant failed: {response.error}")
