@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import dns.asyncquery
@@ -21,6 +21,7 @@ import pytest
 from test_cli import Process, register, run_to_exit, serve, tcp_refused, udp_free
 from test_networks import attach, put_network
 from test_replicas import replica, session, synced
+from waiting import eventually
 
 EtcdServer = etcd_support.EtcdServer
 etcd_server = etcd_support.etcd_server
@@ -47,13 +48,6 @@ def workers_of(parent: int) -> set[int]:
         if int(fields[1]) == parent and is_worker:
             found.add(int(entry))
     return found
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll a condition another process brings about: there is no event to await."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - the change happens in another process
-            await asyncio.sleep(0.05)
 
 
 async def exited(pids: set[int], timeout: float = 20.0) -> None:
@@ -102,7 +96,7 @@ async def workers(etcd: EtcdServer, count: int, *args: str) -> AsyncIterator[Pro
             started = "".join(process.stderr).count(" started (pid ")
             return started == count and len(workers_of(process.proc.pid)) == count
 
-        await eventually(all_running)
+        await eventually(all_running, f"{count} workers running", within=30)
         yield process
 
 
@@ -125,7 +119,7 @@ async def test_workers_serve_the_parents_sockets_and_a_dead_one_is_replaced(
         async def all_answer() -> bool:
             return set(await answers(process.dns, 16)) == {"10.9.8.7"}
 
-        await eventually(all_answer)
+        await eventually(all_answer, "every worker answers", within=20)
 
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
@@ -138,8 +132,9 @@ async def test_workers_serve_the_parents_sockets_and_a_dead_one_is_replaced(
             current = workers_of(process.proc.pid)
             return len(current) == 2 and victim not in current
 
-        await eventually(replaced)
-        await eventually(all_answer)  # the new worker loaded the registry from etcd
+        await eventually(replaced, "the dead worker replaced", within=30)
+        # the new worker has loaded the registry from etcd
+        await eventually(all_answer, "every worker answers", within=20)
         assert "exited with -9: restarting" in "".join(process.stderr)
 
         assert await process.stop(signal.SIGTERM) == 0
@@ -200,7 +195,7 @@ async def test_the_workers_of_one_node_take_one_node_lease(etcd_server: EtcdServ
             status, _ = await put("/v1/networks/pods", {"subnet": "10.244.0.0/16"})
             return status in (200, 201)  # 503 while a worker is still loading
 
-        await eventually(network_ready)
+        await eventually(network_ready, "the network created", within=20)
         results = await asyncio.gather(
             *(put(f"/v1/networks/pods/attachments/c{i}/eth0", None) for i in range(24))
         )
