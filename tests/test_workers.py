@@ -8,8 +8,10 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import dns.asyncquery
@@ -165,6 +167,36 @@ async def test_workers_stop_when_their_parent_is_killed(etcd_server: EtcdServer)
         await process.proc.wait()
     assert "".join(process.stderr).count("the parent process is gone: stopping") == 2
     assert tcp_refused(process.dns) and tcp_refused(process.http) and udp_free(process.dns)
+
+
+async def cni_answers(path: Path) -> int:
+    """The status of a CNI request that cannot be decoded (400 from any live agent)."""
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post("http://cni/v1/cni/ADD", data=b"not json") as response,
+    ):
+        body = await response.json()
+        assert body["code"] == 6, body
+        return response.status
+
+
+async def test_the_parent_binds_the_cni_socket_and_removes_it(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "run" / "cni.sock"
+    async with workers(etcd_server, 2, "--cni-socket", str(path)) as process:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert await cni_answers(path) == 400
+        # a worker that stops cleanly leaves the socket to its parent and the other worker
+        victim = min(workers_of(process.proc.pid))
+        os.kill(victim, signal.SIGTERM)
+        await exited({victim})
+        assert path.exists()
+        assert [await cni_answers(path) for _ in range(4)] == [400] * 4
+        assert await process.stop(signal.SIGTERM) == 0
+    assert not path.exists()
+    assert "".join(process.stderr).count("CNI socket listening on") == 1
 
 
 def etcd_leases(etcd: EtcdServer) -> list[int]:
