@@ -11,6 +11,7 @@ wake when a change lands.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +72,8 @@ class Registry:
         self.closed = False
         self._feeds: list[Feed] = []
         self._changed: asyncio.Future[None] | None = None
+        self._reaching: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap by revision
+        self._sequence = 0
         self._keys = NetworkKeys(prefix)
         self._clear()
 
@@ -109,6 +112,28 @@ class Registry:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
+        reached = self._reaching
+        while reached and (reached[0][0] <= self.revision or self.closed):
+            _, _, waiter = heapq.heappop(reached)
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def reached(self, revision: int, timeout: float) -> bool:
+        """Wait until this registry has seen `revision` (a write becoming visible here).
+        Each waiter wakes once, when its revision arrives: many concurrent writers waiting
+        for their own revisions do not all wake on every change."""
+        if self.revision >= revision:
+            return True
+        if self.closed:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._sequence += 1
+        heapq.heappush(self._reaching, (revision, self._sequence, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        return self.revision >= revision
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until predicate() holds or the timeout passes; returns predicate()."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dns.message
 from dns_support import DnsCache
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from discovery.dns.answers import MAX_PTR_TARGETS, DnsSettings
 from discovery.dns.records import Answer, turned
 from discovery.model import InstanceKey, Registration, encode_registration
+from discovery.registry import Registry
 from discovery.store.base import Event, EventType, KeyValue, Snapshot
 
 PREFIX = "/discovery/"
@@ -135,3 +138,18 @@ def test_a_rotation_is_one_slice_of_the_doubled_records() -> None:
                 rotated = answer.body[cut:] + answer.body[:cut]
                 assert turned(packed, start) == (answer.counts, rotated)
             assert len({turned(packed, start) for start in range(count)}) == count
+
+
+async def test_a_writer_waits_for_its_own_revision_only() -> None:
+    registry = Registry(PREFIX)
+    registry.load(Snapshot(3, []))
+    assert await registry.reached(3, 0)  # seen already: no wait
+    value = encode_registration(Registration(address="10.0.0.1"))
+    waiters = [asyncio.create_task(registry.reached(r, 5)) for r in (4, 5, 6)]
+    await asyncio.sleep(0)
+    registry.apply([Event(EventType.PUT, key("a", "b", "c"), value, 5, 0)])
+    done, pending = await asyncio.wait(waiters, timeout=1)
+    assert {t.result() for t in done} == {True} and len(done) == 2  # 4 and 5, not 6
+    assert not await registry.reached(7, 0.01)  # a timeout says False
+    registry.close()  # shutting down: every waiter answers now
+    assert await asyncio.wait_for(asyncio.gather(*pending), 1) == [False]

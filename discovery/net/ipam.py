@@ -225,8 +225,7 @@ class Ipam:
         self._block_locks: dict[str, asyncio.Lock] = {}
 
     async def _visible(self, revision: int) -> None:
-        registry = self.registry
-        await registry.wait(lambda: registry.revision >= revision, VISIBLE_WAIT)
+        await self.registry.reached(revision, VISIBLE_WAIT)
 
     # networks
 
@@ -375,7 +374,7 @@ class Ipam:
     def _free(self, network: str, block: ipaddress.IPv4Network) -> Iterator[tuple[int, str]]:
         """Offsets and addresses of the block not in use, from after the cursor, round robin;
         never the network, gateway (first host) or broadcast address."""
-        used = {a.address for a in self.registry.attachments(network).values()}
+        holders = self.registry.holders  # per candidate: O(1), not a set of the network
         size = block.num_addresses
         first, last = 2, size - 2  # .0 network, .1 gateway, last broadcast
         if last < first:
@@ -386,7 +385,12 @@ class Ipam:
         for step in range(1, span + 1):
             offset = first + (start - first + step) % span
             address = str(ipaddress.IPv4Address(base + offset))
-            if address not in used and (network, address) not in self._trying:
+            if (network, address) in self._trying:
+                continue
+            if not any(
+                isinstance(h, Attachment) and h.network == network
+                for h in holders(address).values()
+            ):
                 yield offset, address
 
     async def _allocate(
