@@ -6,11 +6,18 @@ measured under heartbeat load, about 12 context switches and 7 futex calls per r
 cost this process more than the HTTP request that asked for it. This module speaks the one
 stream itself on a plain asyncio connection: the renewals of one loop turn leave in one DATA
 frame and one write, and the answers of one read are settled together. Everything else still
-goes through grpc.aio; only this stream, whose messages are two varints, is hand-framed.
+goes through grpc.aio.
 
-What it implements of HTTP/2 (RFC 9113) is what one client stream needs: the preface and
-SETTINGS (acknowledged), flow control both ways, PING answers, GOAWAY and RST_STREAM as
-failures, header blocks through HPACK (with CONTINUATION) to read `:status` and `grpc-status`.
+HTTP/2 (RFC 9113) is h2's: frames, HPACK, SETTINGS and their acknowledgements, PING answers,
+flow control both ways. This module only feeds it the bytes read, writes what it has to send
+once per loop turn, and turns its events into answers and failures: GOAWAY, RST_STREAM, a
+status other than 200 and a protocol error end the stream; the trailers' `grpc-status` says
+how. The gRPC messages inside the DATA (a 5-byte length prefix and a protobuf) are framed here.
+
+What h2 costs: etcd sends every answer in a DATA frame of its own, and h2 handles each frame
+on its own (parse, two state machines, windows, an event): about twice the CPU per renewal of
+the former hand framing (docs/etcd-benchmarks.md). What this side can batch, it does: one
+send_data per loop turn, received data acknowledged per 64 KiB, encoded requests reused.
 """
 
 from __future__ import annotations
@@ -25,36 +32,35 @@ from urllib.parse import unquote
 import hpack
 from aetcd import rpc
 from google.protobuf.message import DecodeError
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
 
 from .base import StoreError, StoreUnavailable
 
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY = 0, 1, 3, 4, 5, 6, 7
-_WINDOW_UPDATE, _CONTINUATION = 8, 9
-_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-_SETTINGS_INITIAL_WINDOW, _SETTINGS_MAX_FRAME = 4, 5
 _STREAM = 1  # the one stream of a connection
-_DEFAULT_WINDOW = 65535
 _RECEIVE_WINDOW = 1 << 20  # what this side lets etcd send ahead, per stream and connection
-_MAX_FRAME = 16384  # largest frame this side sends (the protocol's minimum maximum)
+_ACKNOWLEDGE = 1 << 16  # DATA read before it is handed back to h2's window accounting
+_REQUESTS_KEPT = 1 << 15  # encoded requests kept for reuse (a lease is renewed again and again)
+_DEFAULT_WINDOW = 65535
 _MAX_MESSAGE = 1 << 20
 _UNAUTHENTICATED = 16  # grpc-status
 _RETRYABLE = frozenset({1, 2, 4, 13, 14})  # cancelled, unknown, deadline, internal, unavailable
-_PATH = "/etcdserverpb.Lease/LeaseKeepAlive"
+_PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
 
 
 class StreamUnauthenticated(StoreError):
     """etcd refused the auth token: log in again and open a new stream."""
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
-    )
-
-
-def _window_update(stream: int, increment: int) -> bytes:
-    return _frame(_WINDOW_UPDATE, 0, stream, increment.to_bytes(4, "big"))
 
 
 def _request(lease: int) -> bytes:
@@ -101,32 +107,31 @@ class LeaseStream(asyncio.Protocol):
         self._deadlines: deque[tuple[float, asyncio.Future[int]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._outbox = bytearray()  # gRPC messages not yet in a DATA frame
+        self._requests: dict[int, bytes] = {}  # lease -> its encoded request
+        self._unsent = b""  # what h2 had to send after a read (acknowledgements, window updates)
         self._flush_soon = False
-        self._send_window = _DEFAULT_WINDOW  # connection and stream: etcd's allowance to us
-        self._stream_window = _DEFAULT_WINDOW
-        self._peer_initial = _DEFAULT_WINDOW
-        self._peer_max_frame = _MAX_FRAME
-        self._unacknowledged = 0  # DATA bytes read since the last WINDOW_UPDATE
-        self._input = bytearray()
-        self._messages = bytearray()  # the stream's DATA payload not yet parsed into messages
-        self._block = bytearray()  # a header block waiting for its CONTINUATION frames
-        self._continuing = False  # until END_HEADERS: the block's fragments may be empty
-        self._block_ends_stream = False
-        self._decoder = hpack.Decoder()
-        headers = [
-            (":method", "POST"),
-            (":scheme", "https" if ssl_context is not None else "http"),
-            (":path", _PATH),
-            (":authority", self.endpoint),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
-        if token:
-            headers.append(("token", token))
-        # Literals only: valid whatever header table size etcd announces.
-        self._headers = hpack.Encoder().encode(
-            [hpack.NeverIndexedHeaderTuple(name, value) for name, value in headers]
+        self._messages = bytearray()  # the stream's DATA not yet parsed into messages
+        self._unacknowledged = 0  # DATA bytes read, not yet acknowledged to h2
+        self._h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self._h2.local_settings = Settings(
+            client=True,
+            initial_values={
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.INITIAL_WINDOW_SIZE: _RECEIVE_WINDOW,
+                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
         )
+        self._headers: list[tuple[bytes, bytes]] = [
+            (b":method", b"POST"),
+            (b":scheme", b"https" if ssl_context is not None else b"http"),
+            (b":path", _PATH),
+            (b":authority", self.endpoint.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+        if token:  # never indexed: the token stays out of etcd's HPACK table
+            self._headers.append(hpack.NeverIndexedHeaderTuple(b"token", token.encode()))
         self._opening = asyncio.ensure_future(self._open(host, port, ssl_context))
 
     async def _open(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
@@ -160,10 +165,13 @@ class LeaseStream(asyncio.Protocol):
         self._deadlines.append((self._loop.time() + self._bound, future))
         if self._timer is None:
             self._timer = self._loop.call_at(self._deadlines[0][0], self._check_deadlines)
-        self._outbox += _request(lease)
-        if not self._flush_soon:
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
+        request = self._requests.get(lease)
+        if request is None:  # protobuf's encoding costs more than the rest of a send
+            if len(self._requests) >= _REQUESTS_KEPT:
+                self._requests.clear()
+            request = self._requests[lease] = _request(lease)
+        self._outbox += request
+        self._flush_later()
         return future
 
     def _fail(self, reason: str) -> None:
@@ -204,24 +212,38 @@ class LeaseStream(asyncio.Protocol):
             return
         self._fail(f"no answer within {self._timeout} s")
 
+    def _flush_later(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
-        """Put queued messages in DATA frames, as far as etcd's flow-control windows allow."""
+        """Hand queued messages to h2 as far as etcd's windows allow; write what h2 has, once."""
         self._flush_soon = False
         transport = self._transport
-        if transport is None or self.broken or not self._outbox:
+        if transport is None or self.broken:
             return
-        frames = []
+        connection = self._h2
         outbox = self._outbox
-        while outbox:
-            size = min(len(outbox), self._send_window, self._stream_window, self._peer_max_frame)
-            if size <= 0:
-                break  # wait for WINDOW_UPDATE
-            frames.append(_frame(_DATA, 0, _STREAM, bytes(outbox[:size])))
-            del outbox[:size]
-            self._send_window -= size
-            self._stream_window -= size
-        if frames:
-            transport.write(b"".join(frames))
+        try:
+            while outbox:
+                size = min(
+                    len(outbox),
+                    connection.local_flow_control_window(_STREAM),
+                    connection.max_outbound_frame_size,
+                )
+                if size <= 0:
+                    break  # wait for WINDOW_UPDATE
+                connection.send_data(_STREAM, bytes(outbox[:size]))
+                del outbox[:size]
+        except ProtocolError as error:  # the stream can no longer carry data
+            self._fail(f"keepalive stream: HTTP/2 protocol error: {error}")
+            return
+        data = connection.data_to_send()
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        if data:
+            transport.write(data)
 
     # the connection's side
 
@@ -234,16 +256,10 @@ class LeaseStream(asyncio.Protocol):
         if tls is not None and tls.selected_alpn_protocol() != "h2":
             self._fail("TLS without HTTP/2 (ALPN h2 not selected): not an etcd gRPC endpoint")
             return
-        settings = (
-            (2).to_bytes(2, "big") + (0).to_bytes(4, "big")  # ENABLE_PUSH 0
-            + _SETTINGS_INITIAL_WINDOW.to_bytes(2, "big") + _RECEIVE_WINDOW.to_bytes(4, "big")
-        )  # fmt: skip
-        self._transport.write(
-            _PREFACE
-            + _frame(_SETTINGS, 0, 0, settings)
-            + _window_update(0, _RECEIVE_WINDOW - _DEFAULT_WINDOW)
-            + _frame(_HEADERS, _END_HEADERS, _STREAM, self._headers)
-        )
+        connection = self._h2
+        connection.initiate_connection()
+        connection.increment_flow_control_window(_RECEIVE_WINDOW - _DEFAULT_WINDOW)
+        connection.send_headers(_STREAM, self._headers)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -251,116 +267,74 @@ class LeaseStream(asyncio.Protocol):
         self._fail(f"{exc or 'connection closed'}")
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._input
-        buffer += data
-        at = 0
+        connection = self._h2
         try:
-            while len(buffer) - at >= 9:
-                length = int.from_bytes(buffer[at : at + 3], "big")
-                end = at + 9 + length
-                if end > len(buffer):
-                    if length > _MAX_FRAME:
-                        raise _ProtocolError("frame larger than announced")
-                    break
-                kind, flags = buffer[at + 3], buffer[at + 4]
-                stream = int.from_bytes(buffer[at + 5 : at + 9], "big") & 0x7FFFFFFF
-                self._frame(kind, flags, stream, bytes(buffer[at + 9 : end]))
-                at = end
-                if self.broken:
+            events = connection.receive_data(data)
+        except ProtocolError as error:
+            self._fail(f"keepalive stream: HTTP/2 protocol error: {error}")
+            return
+        received = 0
+        more_window = False
+        messages = self._messages
+        for event in events:
+            if isinstance(event, DataReceived):  # first: nearly every event is one
+                messages += event.data or b""
+                received += event.flow_controlled_length or 0
+                if event.stream_ended is not None:
+                    self._parse_messages()
+                    self._fail("keepalive stream: the stream ended without trailers")
                     return
-        except _ProtocolError as error:
-            self._parse_messages()  # answers that came before the failure still count
-            self._fail(f"keepalive stream: {error}")
-            return
-        del buffer[:at]
+            elif isinstance(event, ResponseReceived):
+                headers = dict(event.headers or ())
+                status = headers.get(b":status", b"none")
+                if status != b"200":
+                    self._fail(f"keepalive stream: HTTP status {status.decode(errors='replace')}")
+                    return
+                if event.stream_ended is not None:  # a trailers-only answer
+                    self._end(headers)
+                    return
+            elif isinstance(event, TrailersReceived):
+                self._end(dict(event.headers or ()))
+                return
+            elif isinstance(event, StreamReset):
+                self._parse_messages()  # answers that came before the end still count
+                self._fail(f"keepalive stream: stream reset (HTTP/2 error {event.error_code})")
+                return
+            elif isinstance(event, ConnectionTerminated):
+                # Even a graceful GOAWAY (etcd shutting down) ends this stream here: the renewals
+                # in flight fail with StoreUnavailable and the next one dials the next member.
+                reason = (event.additional_data or b"").decode(errors="replace")
+                self._parse_messages()
+                self._fail(
+                    f"keepalive stream: etcd closed the connection (GOAWAY) {reason}".strip()
+                )
+                return
+            elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+                more_window = True
+            # h2 has answered PING and SETTINGS itself; the other events need nothing here
+        if received:
+            self._unacknowledged += received
+            if self._unacknowledged >= _ACKNOWLEDGE:  # h2 sends WINDOW_UPDATE past half a window
+                connection.acknowledge_received_data(self._unacknowledged, _STREAM)
+                self._unacknowledged = 0
         self._parse_messages()
-        if self._unacknowledged >= _RECEIVE_WINDOW // 2 and self._transport is not None:
-            increment, self._unacknowledged = self._unacknowledged, 0
-            self._transport.write(_window_update(0, increment) + _window_update(_STREAM, increment))
-
-    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
-        if self._continuing and kind != _CONTINUATION:
-            raise _ProtocolError("header block interrupted")
-        if kind == _DATA:
-            self._unacknowledged += len(payload)
-            if stream == _STREAM:
-                self._messages += _unpad(flags, payload)
-                if flags & _END_STREAM:
-                    raise _ProtocolError("the stream ended without trailers")
-        elif kind == _HEADERS:
-            if stream != _STREAM:
-                raise _ProtocolError("headers on an unknown stream")
-            payload = _unpad(flags, payload)
-            if flags & _PRIORITY:
-                payload = payload[5:]
-            self._block += payload
-            self._block_ends_stream = bool(flags & _END_STREAM)
-            self._continuing = True
-            if flags & _END_HEADERS:
-                self._headers_done()
-        elif kind == _CONTINUATION:
-            if not self._continuing or stream != _STREAM:
-                raise _ProtocolError("unexpected CONTINUATION")
-            self._block += payload
-            if flags & _END_HEADERS:
-                self._headers_done()
-        elif kind == _SETTINGS:
-            if not flags & _ACK:
-                self._settings(payload)
-        elif kind == _WINDOW_UPDATE:
-            increment = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
-            if stream == 0:
-                self._send_window += increment
-            elif stream == _STREAM:
-                self._stream_window += increment
-            self._flush()
-        elif kind == _PING:
-            if not flags & _ACK and self._transport is not None:
-                self._transport.write(_frame(_PING, _ACK, 0, payload))
-        elif kind == _GOAWAY:
-            # Even a graceful GOAWAY (etcd shutting down) ends this stream here: the renewals
-            # in flight fail with StoreUnavailable and the next one dials the next member.
-            reason = payload[8:].decode(errors="replace")
-            raise _ProtocolError(f"etcd closed the connection (GOAWAY) {reason}".strip())
-        elif kind == _RST_STREAM:
-            if stream == _STREAM:
-                code = int.from_bytes(payload[:4], "big")
-                raise _ProtocolError(f"stream reset (HTTP/2 error {code})")
-        elif kind == _PUSH_PROMISE:
-            raise _ProtocolError("unexpected PUSH_PROMISE")
-        # PRIORITY and unknown frame types are ignored (RFC 9113 5.5)
-
-    def _settings(self, payload: bytes) -> None:
-        for at in range(0, len(payload) - 5, 6):
-            ident = int.from_bytes(payload[at : at + 2], "big")
-            value = int.from_bytes(payload[at + 2 : at + 6], "big")
-            if ident == _SETTINGS_INITIAL_WINDOW:
-                self._stream_window += value - self._peer_initial
-                self._peer_initial = value
-            elif ident == _SETTINGS_MAX_FRAME:
-                self._peer_max_frame = min(value, _MAX_FRAME)
-        if self._transport is not None:
-            self._transport.write(_frame(_SETTINGS, _ACK, 0))
-        self._flush()
-
-    def _headers_done(self) -> None:
-        block, self._block = bytes(self._block), bytearray()
-        self._continuing = False
-        try:
-            headers = dict(self._decoder.decode(block, raw=True))
-        except hpack.HPACKError as error:
-            raise _ProtocolError(f"bad header block: {error}") from None
-        status = headers.get(b":status")
-        if status is not None and status != b"200":
-            raise _ProtocolError(f"HTTP status {status.decode(errors='replace')}")
-        if not self._block_ends_stream:
+        if self.broken:
             return
-        # trailers (or a trailers-only answer): the stream is over, and why
+        unsent = connection.data_to_send()
+        if unsent:
+            self._unsent += unsent
+        if unsent or (more_window and self._outbox):
+            self._flush_later()
+
+    def _end(self, headers: dict[bytes, bytes]) -> None:
+        """The trailers (or a trailers-only answer): the stream is over, and why."""
         code_text = headers.get(b"grpc-status", b"2")
         code = int(code_text) if code_text.isdigit() and len(code_text) < 10 else 2
         message = unquote(headers.get(b"grpc-message", b"").decode(errors="replace"))
         message = message or f"grpc-status {code}"
         self._parse_messages()
+        if self.broken:
+            return
         if code in _RETRYABLE:
             self._fail(f"keepalive stream ended: {message}")
         elif code == 0:  # ended without an error: open a new stream on the same member
@@ -403,15 +377,3 @@ class LeaseStream(asyncio.Protocol):
         deadlines = self._deadlines
         while deadlines and deadlines[0][1].done():
             deadlines.popleft()
-
-
-class _ProtocolError(Exception):
-    pass
-
-
-def _unpad(flags: int, payload: bytes) -> bytes:
-    if not flags & _PADDED:
-        return payload
-    if not payload or payload[0] >= len(payload):
-        raise _ProtocolError("bad padding")
-    return payload[1 : len(payload) - payload[0]]
