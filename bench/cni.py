@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -39,6 +40,7 @@ import aiohttp
 from etcd_harness import Cluster, log, machine, now, percentile
 from machine import discovery_command
 
+from discovery.net import cni
 from discovery.testing import EtcdServer
 
 CNI_BIN = Path(sys.executable).parent / "discovery-cni"
@@ -146,7 +148,15 @@ def plugin_latency(containers: int, workdir: Path) -> list[str]:
             time.sleep(0.05)
         http = int(found.group(2))
         network = {"subnet": "10.200.0.0/16", "node_prefix": 22}
-        http_inside(host, "PUT", f"http://127.0.0.1:{http}/v1/networks/bench", network)
+        deadline = time.monotonic() + 30
+        while True:  # 503 until the server has loaded the registry
+            try:
+                http_inside(host, "PUT", f"http://127.0.0.1:{http}/v1/networks/bench", network)
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         conf = json.dumps(
             {
                 "cniVersion": "1.1.0",
@@ -162,44 +172,90 @@ def plugin_latency(containers: int, workdir: Path) -> list[str]:
         names = [stack.enter_context(namespace("bench-c")) for _ in range(containers)]
         base = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
         version_env = {**base, "CNI_COMMAND": "VERSION"}
-        versions = [run_plugin("VERSION", version_env, b"")[0] for _ in range(containers)]
-        adds: list[float] = []
-        dels: list[float] = []
-        for command, samples in (("ADD", adds), ("DEL", dels)):
+        pids = {"server": server.pid, "etcd": etcd_pid(etcd)}
+        rows = []
+
+        def env_for(command: str, i: int, name: str) -> dict[str, str]:
+            return {
+                **base,
+                "CNI_COMMAND": command,
+                "CNI_CONTAINERID": f"bench-{i}",
+                "CNI_NETNS": f"/var/run/netns/{name}",
+                "CNI_IFNAME": "eth0",
+                "CNI_PATH": str(CNI_BIN.parent),
+                "CNI_ARGS": f"K8S_POD_NAME=bench-{i}",
+            }
+
+        def direct(command: str, env: dict[str, str]) -> tuple[float, int, str]:
+            """The plugin's own request on the socket, without starting a process."""
+            started = time.perf_counter()
+            cni_env = {k: v for k, v in env.items() if k.startswith("CNI_")}
+            body = json.dumps({"env": cni_env, "config": json.loads(conf)}).encode()
+            status, answer = cni.post(socket_path, f"/v1/cni/{command}", body, {})
+            return time.perf_counter() - started, 0 if status < 300 else 1, answer.decode()
+
+        passes = [("VERSION", "VERSION (plugin alone)", False)]
+        passes += [("ADD", "ADD", False), ("DEL", "DEL", False)]
+        passes += [("ADD", "ADD, server only", True), ("DEL", "DEL, server only", True)]
+        for command, label, on_socket in passes:
+            samples: list[float] = []
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             for i, name in enumerate(names):
-                env = {
-                    **base,
-                    "CNI_COMMAND": command,
-                    "CNI_CONTAINERID": f"bench-{i}",
-                    "CNI_NETNS": f"/var/run/netns/{name}",
-                    "CNI_IFNAME": "eth0",
-                    "CNI_PATH": str(CNI_BIN.parent),
-                    "CNI_ARGS": f"K8S_POD_NAME=bench-{i}",
-                }
-                seconds, code, output = run_plugin(command, env, conf)
+                env = version_env if command == "VERSION" else env_for(command, i, name)
+                if on_socket:
+                    seconds, code, output = direct(command, env)
+                else:
+                    seconds, code, output = run_plugin(
+                        command, env, b"" if command == "VERSION" else conf
+                    )
                 if code != 0:
-                    raise RuntimeError(f"{command} bench-{i} failed: {output}")
+                    raise RuntimeError(f"{label} bench-{i} failed: {output}")
                 samples.append(seconds)
-            log(f"{command} x{len(samples)} done (load {load()})")
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            plugin_cpu = (
+                0.0
+                if on_socket
+                else (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
+            )
+            per = [plugin_cpu, cpu["server"], cpu["etcd"]]
+            rows.append(
+                row(label, samples)
+                + " "
+                + " / ".join(f"{x / len(names) * 1000:.1f}" for x in per)
+                + " |"
+            )
+            log(f"{label} x{len(samples)} done (load {load()})")
     return [
-        "| through `discovery-cni`       | n    | p50 ms  | p90 ms  | p99 ms  | max ms  |",
-        "|------------------------------|------|---------|---------|---------|---------|",
-        row("ADD (etcd)", adds),
-        row("DEL (etcd)", dels),
-        row("VERSION (process start)", versions),
+        "| command                      | n    | p50 ms  | p90 ms  | p99 ms  | max ms  "
+        "| CPU ms/call: plugin / server / etcd |",
+        "|------------------------------|------|---------|---------|---------|---------"
+        "|-------------------------------------|",
+        *rows,
     ]
+
+
+def etcd_pid(etcd: EtcdServer) -> int:
+    assert etcd._proc is not None
+    return etcd._proc.pid
 
 
 async def allocation_rate(allocations: int, callers: int) -> list[str]:
     with Cluster(replicas=1, serve_args=["--node", "bench", "--cni-socket", ""]) as cluster:
         base = cluster.nodes[0].base
-        assert cluster.etcd is not None and cluster.etcd._proc is not None
-        etcd_pid = cluster.etcd._proc.pid
+        assert cluster.etcd is not None
+        etcd = etcd_pid(cluster.etcd)
         connector = aiohttp.TCPConnector(limit=callers)
         async with aiohttp.ClientSession(connector=connector) as session:
             body = {"subnet": "10.0.0.0/16", "node_prefix": 16}
-            async with session.put(f"{base}/v1/networks/bench", json=body) as response:
-                assert response.status in (200, 201), await response.text()
+            deadline = time.monotonic() + 30
+            while True:  # 503 until the server has loaded the registry
+                async with session.put(f"{base}/v1/networks/bench", json=body) as response:
+                    if response.status in (200, 201):
+                        break
+                    assert response.status == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
             rows = []
             for method, expect in (("PUT", {200, 201}), ("DELETE", {204})):
                 latencies: list[float] = []
@@ -220,7 +276,7 @@ async def allocation_rate(allocations: int, callers: int) -> list[str]:
                                 raise RuntimeError(f"{method} c{i}: {response.status}")
                         latencies.append(time.perf_counter() - started)
 
-                pids = {"server": cluster.nodes[0].proc.pid, "etcd": etcd_pid}
+                pids = {"server": cluster.nodes[0].proc.pid, "etcd": etcd}
                 cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 client_before = time.process_time()
                 started = time.perf_counter()

@@ -14,12 +14,15 @@ JSON `{"cniVersion", "code", "msg", "details"}` on stdout and exit 1.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py would pull enum, selectors and more (start-up time)
 import json
 import os
 import re
-import socket
 import sys
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time: start-up time
+    from typing import Any
 
 SUPPORTED_VERSIONS = ("1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
@@ -273,13 +276,16 @@ def post(path: str, target: str, body: bytes, headers: dict[str, str]) -> tuple[
     lines += [f"{name}: {value}" for name, value in headers.items()]
     lines.append(f"Content-Length: {len(body)}")
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
         sock.settimeout(TIMEOUT)
         sock.connect(path)
         sock.sendall(request)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
+    finally:
+        sock.close()
     head, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parts = status_line.split(" ", 2)

@@ -37,6 +37,7 @@ CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
 HOST_PREFIX = "dc"  # host ends of our veth pairs: dc + 11 hex digits of a hash
 HOST_IFNAME_RE = re.compile(HOST_PREFIX + "[0-9a-f]{11}")
+IFF_UP = 0x1
 FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 
 
@@ -123,8 +124,23 @@ def _close(ipr: IPRoute) -> None:
             loop.close()
 
 
-def _mac(ipr: IPRoute, index: int) -> str:
-    return str(ipr.get_links(index)[0].get("address") or "")
+@dataclass(frozen=True, slots=True)
+class Link:
+    index: int
+    mac: str
+    up: bool
+
+
+def _link(ipr: IPRoute, name: str) -> Link | None:
+    """One interface by name (one RTM_GETLINK), or None."""
+    try:
+        found = ipr.link("get", ifname=name)
+    except NetlinkError as error:
+        if error.code == errno.ENODEV:
+            return None
+        raise
+    link = found[0]
+    return Link(int(link["index"]), str(link.get("address") or ""), bool(link["flags"] & IFF_UP))
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
@@ -152,6 +168,7 @@ class Netlink:
         self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._host: IPRoute | None = None
+        self._gateways: set[tuple[int, str, int]] = set()  # (bridge index, address, prefix)
         self._broken = False
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
@@ -223,26 +240,30 @@ class Netlink:
             if _index(ipr, ifname) is not None:
                 raise InterfaceExists(f"the container already has an interface {ifname}")
 
-    def _bridge(self, ipr: IPRoute, plumbing: Plumbing) -> int:
-        index = _index(ipr, plumbing.bridge)
-        if index is None:
+    def _bridge(self, ipr: IPRoute, plumbing: Plumbing) -> Link:
+        """The bridge, created if absent, up, with the gateway address (once per bridge)."""
+        link = _link(ipr, plumbing.bridge)
+        if link is None:
             _ignore(
                 errno.EEXIST,
                 lambda: ipr.link("add", ifname=plumbing.bridge, kind="bridge", mtu=plumbing.mtu),
             )
-            index = _index(ipr, plumbing.bridge)
-            if index is None:
+            link = _link(ipr, plumbing.bridge)
+            if link is None:
                 raise DataPlaneError(f"bridge {plumbing.bridge} vanished after it was created")
             log.info("created bridge %s (mtu %d)", plumbing.bridge, plumbing.mtu)
-        ipr.link("set", index=index, state="up")
-        if plumbing.is_gateway:
+        if not link.up:
+            ipr.link("set", index=link.index, state="up")
+        gateway = (link.index, plumbing.gateway, plumbing.prefix_len)
+        if plumbing.is_gateway and gateway not in self._gateways:
             _ignore(
                 errno.EEXIST,
                 lambda: ipr.addr(
-                    "add", index=index, address=plumbing.gateway, prefixlen=plumbing.prefix_len
+                    "add", index=link.index, address=plumbing.gateway, prefixlen=plumbing.prefix_len
                 ),
             )
-        return index
+            self._gateways.add(gateway)
+        return link
 
     def _forwarding(self) -> None:
         with open(FORWARDING, "r+") as flag:
@@ -256,12 +277,17 @@ class Netlink:
         bridge = self._bridge(host, plumbing)
         self._forwarding()
         with self._container(plumbing.netns) as inside:
-            if _index(inside, plumbing.ifname) is not None:
-                raise InterfaceExists(f"the container already has an interface {plumbing.ifname}")
-            stale = _index(host, plumbing.host_ifname)
-            if stale is not None:  # left by a crash: its container end is not in this netns
-                log.warning("removing a stale %s", plumbing.host_ifname)
-                _delete(host, stale)
+            self._veth(host, plumbing)
+            try:
+                return self._wire(host, inside, bridge, plumbing)
+            except BaseException:
+                with contextlib.suppress(NetlinkError):
+                    host.link("del", ifname=plumbing.host_ifname)
+                raise
+
+    def _veth(self, host: IPRoute, plumbing: Plumbing) -> None:
+        """The pair, its container end made inside the namespace under its final name."""
+        for _ in range(2):
             nsfd = os.open(plumbing.netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 host.link(
@@ -271,39 +297,42 @@ class Netlink:
                     mtu=plumbing.mtu,
                     peer={"ifname": plumbing.ifname, "net_ns_fd": nsfd},
                 )
+                return
             except NetlinkError as error:
-                if error.code == errno.EEXIST:
+                if error.code != errno.EEXIST:
+                    raise
+                stale = _link(host, plumbing.host_ifname)
+                if stale is None:
                     raise InterfaceExists(
                         f"the container already has an interface {plumbing.ifname}"
                     ) from None
-                raise
+                # left by a crash (its container end is not in this netns): replace it
+                log.warning("removing a stale %s", plumbing.host_ifname)
+                _delete(host, stale.index)
             finally:
                 os.close(nsfd)
-            try:
-                return self._wire(host, inside, bridge, plumbing)
-            except BaseException:
-                with contextlib.suppress(NetlinkError):
-                    host.link("del", ifname=plumbing.host_ifname)
-                raise
+        raise DataPlaneError(f"{plumbing.host_ifname} keeps coming back")
 
-    def _wire(self, host: IPRoute, inside: IPRoute, bridge: int, plumbing: Plumbing) -> Plumbed:
-        outer = _index(host, plumbing.host_ifname)
-        inner = _index(inside, plumbing.ifname)
+    def _wire(self, host: IPRoute, inside: IPRoute, bridge: Link, plumbing: Plumbing) -> Plumbed:
+        outer = _link(host, plumbing.host_ifname)
+        inner = _link(inside, plumbing.ifname)
         if outer is None or inner is None:
             raise DataPlaneError(f"the veth pair {plumbing.host_ifname} vanished")
-        host.link("set", index=outer, master=bridge, state="up")
+        host.link("set", index=outer.index, master=bridge.index, state="up")
         if plumbing.hairpin:
-            host.brport("set", index=outer, mode=1)  # IFLA_BRPORT_MODE: hairpin
-        inside.link("set", index=inner, mtu=plumbing.mtu, state="up")
-        inside.addr("add", index=inner, address=plumbing.address, prefixlen=plumbing.prefix_len)
+            host.brport("set", index=outer.index, mode=1)  # IFLA_BRPORT_MODE: hairpin
+        inside.link("set", index=inner.index, mtu=plumbing.mtu, state="up")
+        inside.addr(
+            "add", index=inner.index, address=plumbing.address, prefixlen=plumbing.prefix_len
+        )
         for dst, gateway in plumbing.routes:
             try:
-                inside.route("add", dst=dst, gateway=gateway, oif=inner)
+                inside.route("add", dst=dst, gateway=gateway, oif=inner.index)
             except NetlinkError as error:
                 # another network may own the default route already (CNI spec: skip it)
                 if not (error.code == errno.EEXIST and dst == "0.0.0.0/0"):
                     raise
-        return Plumbed(_mac(host, bridge), _mac(host, outer), _mac(inside, inner))
+        return Plumbed(bridge.mac, outer.mac, inner.mac)
 
     def detach(self, host_ifname: str) -> bool:
         """Remove the pair by its host end (the kernel removes the container end with it)."""
