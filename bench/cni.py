@@ -101,9 +101,9 @@ def http_inside(host: str, method: str, url: str, body: object) -> str:
     return out.stdout
 
 
-def run_plugin(command: str, env: dict[str, str], conf: bytes) -> tuple[float, int, str]:
+def run_plugin(plugin: str, env: dict[str, str], conf: bytes) -> tuple[float, int, str]:
     started = time.perf_counter()
-    proc = subprocess.run([str(CNI_BIN)], input=conf, env=env, capture_output=True, timeout=60)
+    proc = subprocess.run([plugin], input=conf, env=env, capture_output=True, timeout=60)
     return time.perf_counter() - started, proc.returncode, proc.stdout.decode()
 
 
@@ -121,7 +121,7 @@ def row(name: str, samples: Sequence[float]) -> str:
     )
 
 
-def plugin_latency(containers: int, workdir: Path) -> list[str]:
+def plugin_latency(containers: int, workdir: Path, plugins: Sequence[str]) -> list[str]:
     if os.geteuid() != 0:
         raise SystemExit("part 1 makes network namespaces: run as root (or --skip-plugin)")
     with ExitStack() as stack:
@@ -194,10 +194,14 @@ def plugin_latency(containers: int, workdir: Path) -> list[str]:
             status, answer = cni.post(socket_path, f"/v1/cni/{command}", body, {})
             return time.perf_counter() - started, 0 if status < 300 else 1, answer.decode()
 
-        passes = [("VERSION", "VERSION (plugin alone)", False)]
-        passes += [("ADD", "ADD", False), ("DEL", "DEL", False)]
-        passes += [("ADD", "ADD, server only", True), ("DEL", "DEL, server only", True)]
-        for command, label, on_socket in passes:
+        passes: list[tuple[str, str, str]] = []  # command, label, plugin ("": on the socket)
+        for number, plugin in enumerate(plugins, 1):
+            tag = f" [{number}]" if len(plugins) > 1 else ""
+            passes += [("VERSION", f"VERSION (plugin alone){tag}", plugin)]
+            passes += [("ADD", f"ADD{tag}", plugin), ("DEL", f"DEL{tag}", plugin)]
+        passes += [("ADD", "ADD, server only", ""), ("DEL", "DEL, server only", "")]
+        for command, label, plugin in passes:
+            on_socket = not plugin
             samples: list[float] = []
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -207,7 +211,7 @@ def plugin_latency(containers: int, workdir: Path) -> list[str]:
                     seconds, code, output = direct(command, env)
                 else:
                     seconds, code, output = run_plugin(
-                        command, env, b"" if command == "VERSION" else conf
+                        plugin, env, b"" if command == "VERSION" else conf
                     )
                 if code != 0:
                     raise RuntimeError(f"{label} bench-{i} failed: {output}")
@@ -309,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--containers", type=int, default=100)
     parser.add_argument("--allocations", type=int, default=5000)
     parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        help="discovery-cni executable to time (may repeat; default: the one beside this Python)",
+    )
     parser.add_argument("--skip-plugin", action="store_true", help="only the API part")
     parser.add_argument("--skip-api", action="store_true", help="only the plugin part")
     args = parser.parse_args(argv)
@@ -318,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cni-bench-"))
     try:
         if not args.skip_plugin:
-            print("\n".join(plugin_latency(args.containers, workdir)))
+            plugins = args.plugin or [str(CNI_BIN)]
+            for number, plugin in enumerate(plugins, 1):
+                print(f"[{number}] {plugin}")
+            print()
+            print("\n".join(plugin_latency(args.containers, workdir, plugins)))
             print(f"\nload average after the plugin part: {load()}\n")
         if not args.skip_api:
             print("\n".join(asyncio.run(allocation_rate(args.allocations, args.callers))))
