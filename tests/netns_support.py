@@ -10,6 +10,7 @@ namespace it was created in), and the CNI agent through its Unix socket (a file)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import http.client
@@ -273,9 +274,18 @@ async def node_server(tmp_path: Path, *args: str, host: str | None = None) -> As
 class NetnsEtcd(etcd_support.EtcdServer):
     """etcd inside a test namespace (its loopback), so a node server there reaches it."""
 
-    def __init__(self, directory: Path, namespace: str) -> None:
+    def __init__(self, directory: Path, namespace: str, address: str = "127.0.0.1") -> None:
         super().__init__(directory, binary=etcd_support.require_etcd())
         self.namespace = namespace
+        self.address = address  # where clients reach it: loopback, or an underlay address
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return (self.address, self.client_port)
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.address}:{self.client_port}"
 
     def _command(self) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *super()._command()]
@@ -289,9 +299,7 @@ class NetnsEtcd(etcd_support.EtcdServer):
 
     def count(self, prefix: str) -> int:
         """How many keys start with `prefix` (etcd's JSON gateway, from inside)."""
-        import base64
-
-        end = bytearray(prefix.encode())
+        end = bytearray(prefix.encode())  # the range [prefix, prefix with its last byte + 1)
         end[-1] += 1
         body = {
             "key": base64.b64encode(prefix.encode()).decode(),
@@ -301,3 +309,27 @@ class NetnsEtcd(etcd_support.EtcdServer):
         status, data = http_in(self.namespace, self.endpoint, "POST", "/v3/kv/range", body)
         assert status == 200, data
         return int(data.get("count", 0))
+
+
+UNDERLAY = "10.99.0"  # a /24 that exists only inside the namespaces made below
+
+
+@contextlib.contextmanager
+def underlay(hosts: int) -> Iterator[tuple[str, list[str]]]:
+    """An "infra" namespace with a bridge at UNDERLAY.1 and `hosts` host namespaces wired to
+    it by veth pairs (UNDERLAY.11, .12, …): nodes that reach one etcd in the infra namespace."""
+    with contextlib.ExitStack() as stack:
+        infra = stack.enter_context(netns("infra"))
+        ip("-n", infra, "link", "add", "br0", "type", "bridge")
+        ip("-n", infra, "addr", "add", f"{UNDERLAY}.1/24", "dev", "br0")
+        ip("-n", infra, "link", "set", "br0", "up")
+        names = []
+        for number in range(hosts):
+            host = stack.enter_context(netns("host"))
+            ip("-n", infra, "link", "add", f"u{number}", "type", "veth", "peer", "name", "eth0",
+               "netns", host)  # fmt: skip
+            ip("-n", infra, "link", "set", f"u{number}", "master", "br0", "up")
+            ip("-n", host, "addr", "add", f"{UNDERLAY}.{11 + number}/24", "dev", "eth0")
+            ip("-n", host, "link", "set", "eth0", "up")
+            names.append(host)
+        yield infra, names

@@ -9,6 +9,7 @@ kernel (bad input, the plugin's imports) run anywhere; the others need root.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import jsonschema
 import pytest
 from netns_support import (
+    UNDERLAY,
     NetnsEtcd,
     Node,
     ip,
@@ -32,6 +34,7 @@ from netns_support import (
     plugin,
     require_netns,
     run,
+    underlay,
     unique,
 )
 from waiting import eventually
@@ -596,5 +599,51 @@ async def test_the_store_going_away_mid_add_leaks_nothing(tmp_path: Path) -> Non
                     address = result["ips"][0]["address"].split("/")[0]
                     ping = inside(victim, "ping", "-c", "1", "-W", "5", address)
                     assert ping.returncode == 0, ping.stdout
+        finally:
+            etcd.stop()
+
+
+async def test_two_nodes_adding_30_containers_each_at_once(tmp_path: Path) -> None:
+    """Two node servers on one etcd (in an infra namespace, reached over veths), 2 x 30
+    concurrent ADDs through the plugin: 60 distinct addresses, one block per node."""
+    require_netns()
+    with underlay(2) as (infra, hosts):
+        etcd = NetnsEtcd(tmp_path / "etcd", infra, address=f"{UNDERLAY}.1")
+        etcd.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                nodes = [
+                    await stack.enter_async_context(
+                        node_server(
+                            tmp_path, "--etcd", etcd.client_url, "--node", f"n{i}", host=host
+                        )
+                    )
+                    for i, host in enumerate(hosts, 1)
+                ]
+                await nodes[0].network()
+                containers = {
+                    node.host: [stack.enter_context(node.container()) for _ in range(30)]
+                    for node in nodes
+                }
+                jobs = [
+                    add(node, container) for node in nodes for container in containers[node.host]
+                ]
+                results = await asyncio.gather(*jobs)
+                assert all(code == 0 for code, _ in results), [r for r in results if r[0]]
+                addresses = [valid_result(r)["ips"][0]["address"] for _, r in results]
+                assert len(set(addresses)) == 60
+                blocks = {
+                    node.host: {ipaddress.ip_interface(a).network for a in addresses[i * 30 :][:30]}
+                    for i, node in enumerate(nodes)
+                }
+                assert all(len(b) == 1 for b in blocks.values())
+                assert blocks[hosts[0]] != blocks[hosts[1]]
+                listed = await attachments(nodes[1])
+                assert sorted(a["node"] for a in listed) == ["n1"] * 30 + ["n2"] * 30
+                jobs = [
+                    delete(node, container) for node in nodes for container in containers[node.host]
+                ]
+                assert all(code == 0 for code, _ in await asyncio.gather(*jobs))
+                assert await attachments(nodes[0]) == []
         finally:
             etcd.stop()
