@@ -1,39 +1,49 @@
-# Two commands for a newcomer (see README): `make run` and `make test`.
+# Two commands for a newcomer (see README): `make run` and `make test`; `make help` lists all.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2
+APT_TEST := etcd-server bind9-dnsutils
 APT_BENCH := dnsperf dnsmasq-base etcd-server
 
-.PHONY: run test test-deps bench bench-deps lint
+.DEFAULT_GOAL := help
+.PHONY: help run test test-deps bench bench-deps lint
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# The runtime alone for `make run`; the test tools on top for everything else.
+$(VENV)/.runtime: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.runtime
 
-run: $(VENV)/.installed
+run: $(VENV)/.runtime ## start the server: DNS 127.0.0.1:8053, HTTP 127.0.0.1:8080, embedded store
 	$(VENV)/bin/discovery serve
 
-test-deps:
-	@command -v etcd >/dev/null && command -v dig >/dev/null && command -v ping >/dev/null \
-	  && command -v ip >/dev/null || { \
+test-deps: ## install etcd-server and dig (apt)
+	@command -v etcd >/dev/null && command -v dig >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST); }
 
-test: test-deps $(VENV)/.installed
+test: test-deps $(VENV)/.installed ## run the whole test suite (not the image tests)
 	$(PY) -m pytest
 
-bench-deps: $(VENV)/.installed
+lint: $(VENV)/.installed ## ruff and mypy
+	$(PY) -m ruff check discovery tests bench
+	$(PY) -m mypy discovery
+
+bench-deps: $(VENV)/.installed ## install what the benchmarks need (dnsperf, dnsmasq, matplotlib)
 	@command -v dnsperf >/dev/null && command -v etcd >/dev/null && { command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_BENCH); }
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
 
-bench: bench-deps
+bench: bench-deps ## queries/s against dnsmasq (docs/benchmarks.md)
 	$(PY) bench/dnsperf_compare.py
-
-lint: $(VENV)/.installed
-	$(PY) -m ruff check discovery tests bench
-	$(PY) -m mypy discovery

@@ -159,12 +159,57 @@ async def read_json(request: web.Request) -> Any:
 
 def validation_errors(error: ValidationError) -> list[dict[str, str]]:
     return [
-        {
-            "field": ".".join(str(p) for p in e["loc"]) or "body",
-            "message": "unknown field" if e["type"] == "extra_forbidden" else e["msg"],
-        }
+        {"field": ".".join(str(p) for p in e["loc"]) or "body", "message": _in_words(e)}
         for e in error.errors()
     ]
+
+
+# pydantic's error types in the words of the API's user (a JSON writer, not a Python reader)
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "unknown field",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "string_pattern_mismatch": "must be a DNS label: lower-case letters, digits and '-', "
+    "starting and ending with a letter or digit",
+}
+
+
+def _in_words(e: Any) -> str:
+    kind = e["type"]
+    ctx = e.get("ctx") or {}
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}"
+    if kind == "greater_than":
+        return f"must be more than {ctx['gt']}"
+    if kind == "less_than":
+        return f"must be less than {ctx['lt']}"
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else (
+            f"must have at least {ctx['min_length']} characters")  # fmt: skip
+    if kind == "string_too_long":
+        return f"must have at most {ctx['max_length']} characters"
+    if kind == "too_long":
+        return f"must have at most {ctx['max_length']} entries"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    message: str = e["msg"]
+    return message
 
 
 def _validate(data: Any, config: Config) -> Registration:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import socket
@@ -36,6 +37,30 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} must be an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} must be a number (seconds, e.g. 2.5)") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} must be a finite number")
+    return value
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("discovery")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
 # flag, type/parser, default, help
 _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     (
@@ -52,27 +77,27 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--etcd-key", str, None, "client key for mutual TLS to etcd"),
     ("--etcd-user", str, None, "etcd user name"),
     ("--etcd-password", str, None, "etcd password"),
-    ("--etcd-dial-timeout", float, 5.0, "seconds to wait for an etcd connection"),
-    ("--etcd-request-timeout", float, 5.0, "seconds to wait for one etcd request"),
-    ("--dns-ttl", int, 5, "TTL of service records (never above the lease)"),
-    ("--negative-ttl", int, 5, "TTL of NXDOMAIN/NODATA answers (SOA minimum)"),
-    ("--min-ttl", int, 2, "shortest lease TTL a registration may ask for"),
-    ("--max-ttl", int, 86400, "longest lease TTL a registration may ask for"),
+    ("--etcd-dial-timeout", _number, 5.0, "seconds to wait for an etcd connection"),
+    ("--etcd-request-timeout", _number, 5.0, "seconds to wait for one etcd request"),
+    ("--dns-ttl", _integer, 5, "TTL of service records (never above the lease)"),
+    ("--negative-ttl", _integer, 5, "TTL of NXDOMAIN/NODATA answers (SOA minimum)"),
+    ("--min-ttl", _integer, 2, "shortest lease TTL a registration may ask for"),
+    ("--max-ttl", _integer, 86400, "longest lease TTL a registration may ask for"),
     (
         "--upstream",
         parse_upstreams,
         None,
         "resolvers HOST[:PORT],... or a resolv.conf path for names outside the zones",
     ),
-    ("--upstream-timeout", float, 2.0, "seconds to wait for one upstream's answer"),
-    ("--upstream-cache-size", int, 10000, "answers from upstreams kept in memory (0: none)"),
-    ("--workers", int, 1, "server processes sharing the listeners (more than 1 needs --etcd)"),
-    ("--tcp-idle-timeout", float, 10.0, "seconds before an idle DNS TCP connection is closed"),
-    ("--tcp-max-connections", int, 1024, "cap on open DNS TCP connections"),
+    ("--upstream-timeout", _number, 2.0, "seconds to wait for one upstream's answer"),
+    ("--upstream-cache-size", _integer, 10000, "answers from upstreams kept in memory (0: none)"),
+    ("--workers", _integer, 1, "server processes sharing the listeners (more than 1 needs --etcd)"),
+    ("--tcp-idle-timeout", _number, 10.0, "seconds before an idle DNS TCP connection is closed"),
+    ("--tcp-max-connections", _integer, 1024, "cap on open DNS TCP connections"),
     ("--log-level", _log_level, "info", "debug, info, warning or error"),
     ("--node", str, None, "this node's name for container networking (default: the host name)"),
     ("--node-ip", str, None, "this node's underlay address (needed for the vxlan backend)"),
-    ("--node-ttl", int, 60, "seconds a node's blocks and attachments outlive the node"),
+    ("--node-ttl", _integer, 60, "seconds a node's blocks and attachments outlive the node"),
     (
         "--cni-socket",
         str,
@@ -91,6 +116,7 @@ def _endpoint(url: str) -> HostPort:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="discovery", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"discovery {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -159,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.setup_event_loop()
     try:
         asyncio.run(Server(config).serve(sockets))
-    except OSError as error:
+    except (OSError, ConfigError) as error:
         log.error("cannot start: %s", error)
         return 1
     return 0

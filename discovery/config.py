@@ -13,6 +13,7 @@ import re
 import socket
 import stat
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger("discovery")
@@ -210,10 +211,12 @@ class Config:
     def bind_sockets(self) -> Sockets:
         """Bind every listener (logging the addresses bound): the server, or the parent of
         several workers that all serve on these same sockets, takes them from here."""
-        dns_udp, dns_tcp = _bind_dns(self.dns)
+        with _naming_the_option("--dns", self.dns):
+            dns_udp, dns_tcp = _bind_dns(self.dns)
         http = cni = None
         try:
-            http = _bind_tcp(self.http)
+            with _naming_the_option("--http", self.http):
+                http = _bind_tcp(self.http)
             if self.cni_socket:
                 cni = _bind_unix(self.cni_socket, required=not self.cni_socket_default)
         except BaseException:
@@ -229,6 +232,30 @@ class Config:
         elif self.cni_socket_default and not self.cni_socket:
             log.info("no CNI socket: not running as root (--cni-socket PATH to ask for one)")
         return sockets
+
+
+_BIND_PROBLEMS = {
+    errno.EADDRINUSE: "address already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+}
+
+
+@contextlib.contextmanager
+def _naming_the_option(flag: str, address: HostPort) -> Iterator[None]:
+    """A listener that cannot be opened: say which option (and variable) to change."""
+    try:
+        yield
+    except OSError as error:
+        cause = error.__cause__ if error.errno is None else error  # uvloop wraps the errno
+        if not isinstance(cause, OSError):
+            cause = error
+        problem = _BIND_PROBLEMS.get(cause.errno or 0, cause.strerror or str(cause))
+        variable = "DISCOVERY_" + flag[2:].upper()
+        raise OSError(
+            f"{flag} {address}: {problem}; choose another address with {flag} HOST:PORT"
+            f" or {variable}"
+        ) from error
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,6 +132,8 @@ class Server:
             self._sockets = sockets if sockets is not None else config.bind_sockets()
             self.dns_address = self._sockets.dns_address
             self.http_address = self._sockets.http_address
+            if self.forwarder is not None:
+                self.forwarder.exclude_self(*self.dns_address)
             self._udp, self._tcp, self._connections = await open_listeners(
                 self._sockets.dns_udp,
                 self._sockets.dns_tcp,

@@ -625,3 +625,38 @@ async def test_random_names_never_500(client: Client, label: str) -> None:
         assert_problem((status, data, headers), status)
     else:
         assert data["name"] == label
+
+
+# messages in the words of a JSON writer, not pydantic's or Python's
+
+PLAIN_WORDS = [
+    pytest.param(_put(address="10.0.0.1", ttl="30"), "ttl", "must be an integer", id="ttl"),
+    pytest.param(_put(address="10.0.0.1", ttl=1.5), "ttl", "must be an integer", id="ttl-1.5"),
+    pytest.param(_put(ttl=30), "address", "is required", id="missing"),
+    pytest.param(_put(address=5), "address", "must be a string", id="address-number"),
+    pytest.param(_put(address="10.0.0.1", tags="a"), "tags", "must be a list", id="tags"),
+    pytest.param(_put(address="10.0.0.1", metadata=[]), "metadata", "must be an object",
+                 id="metadata"),
+    pytest.param(_put(address="10.0.0.1", priority=-1), "priority", "must be at least 0",
+                 id="priority"),
+    pytest.param(_put(address="10.0.0.1", ports=[{"name": "http", "port": 70000}]),
+                 "ports.0.port", "must be at most 65535", id="port"),
+    pytest.param(_put(address="10.0.0.1", ports=[{"name": "HTTP", "port": 80}]),
+                 "ports.0.name", "must be a DNS label", id="port-name"),
+    pytest.param(_put(address="10.0.0.1", ports=[{"name": "http", "port": 80, "protocol": "x"}]),
+                 "ports.0.protocol", "must be one of 'tcp', 'udp' or 'sctp'", id="protocol"),
+    pytest.param(_put(address="10.0.0.1", tags=[""]), "tags.0", "must not be empty", id="tag"),
+    pytest.param(_put(address="nope"), "address", "must be an IPv4 or IPv6 address", id="ip"),
+    pytest.param(_put(address="10.0.0.1", bogus=1), "bogus", "unknown field", id="unknown"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "field", "words"), PLAIN_WORDS)
+async def test_validation_messages_in_plain_words(
+    client: Client, body: bytes, field: str, words: str
+) -> None:
+    problem = assert_problem(await client.request("PUT", INST + "web-1", data=body), 400, field)
+    messages = {error["field"]: error["message"] for error in problem["errors"]}
+    assert messages[field] == words or messages[field].startswith(words), messages
+    for jargon in ("Input should", "Value error", "Field required", "valid tuple", "dictionary"):
+        assert jargon not in json.dumps(problem), problem

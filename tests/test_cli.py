@@ -251,7 +251,31 @@ async def test_address_in_use_exits_1(listener: str) -> None:
         code, _, stderr = await run_to_exit("serve", *LOOPBACK, listener, f"127.0.0.1:{port}")
     assert code == 1, stderr
     assert "cannot start" in stderr
-    assert "Traceback" not in stderr
+    assert "address already in use" in stderr
+    variable = "DISCOVERY_" + listener[2:].upper()
+    assert f"{listener} 127.0.0.1:{port}" in stderr and variable in stderr, stderr
+    assert "Traceback" not in stderr and "Errno" not in stderr
+
+
+async def test_version() -> None:
+    code, stdout, stderr = await run_to_exit("--version")
+    assert code == 0, stderr
+    assert re.fullmatch(r"discovery \d+\.\d+\.\d+\S*\n", stdout), stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--dns-ttl", "five"], "--dns-ttl: 'five' must be an integer"),
+        (["--upstream-timeout", "soon"], "--upstream-timeout: 'soon' must be a number"),
+        (["--node-ttl", "1e400"], "--node-ttl: '1e400' must be an integer"),
+        (["--tcp-idle-timeout", "nan"], "--tcp-idle-timeout: 'nan' must be a finite number"),
+    ],
+)
+async def test_bad_numbers_are_explained_in_words(args: list[str], words: str) -> None:
+    code, _, stderr = await run_to_exit("serve", *LOOPBACK, *args)
+    assert code == 2 and words in stderr, stderr
+    assert "invalid literal" not in stderr and "could not convert" not in stderr
 
 
 async def test_help_lists_every_option() -> None:

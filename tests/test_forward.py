@@ -444,3 +444,18 @@ def test_entry_drops_opt_wherever_it_is() -> None:
     assert [rrset.to_text() for rrset in parsed.additional] == [
         "ns.example.test. 60 IN A 192.0.2.53"
     ]
+
+
+async def test_an_upstream_that_is_this_server_is_dropped_or_refused() -> None:
+    port = free_udp_port()
+    looping = make_config(dns=HostPort("127.0.0.1", port), upstream=upstreams(f"127.0.0.1:{port}"))
+    with pytest.raises(ConfigError, match="own DNS listener: queries would loop"):
+        async with run_server(looping):
+            pass
+    async with scripted_upstream(RECORDS) as good:
+        mixed = make_config(
+            dns=HostPort("127.0.0.1", port), upstream=upstreams(f"127.0.0.1:{port}", good.address)
+        )
+        async with run_server(mixed) as server:
+            assert server.forwarder is not None
+            assert [u.label for u in server.forwarder.upstreams] == [good.address]

@@ -24,6 +24,7 @@ from typing import Any
 
 from dnslib import DNSRecord
 
+from ..config import ConfigError
 from .records import NOERROR, NXDOMAIN, OPT, SERVFAIL, SOA, counts
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,30 @@ class Forwarder:
         self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
         self._pending = 0
         self._closed = False
+
+    def exclude_self(self, host: str, port: int) -> None:
+        """Drop upstreams that are this server's own DNS listener (a resolv.conf naming
+        127.0.0.1 on the machine discovery serves): forwarding to them would loop."""
+        ours = ipaddress.ip_address(host.partition("%")[0])
+
+        def is_us(upstream: Upstream) -> bool:
+            if upstream.port != port:
+                return False
+            if ours.is_unspecified:
+                return upstream.ip.is_loopback or upstream.ip.is_unspecified
+            return upstream.ip == ours
+
+        looping = [u for u in self.upstreams if is_us(u)]
+        if not looping:
+            return
+        labels = ", ".join(u.label for u in looping)
+        if len(looping) == len(self.upstreams):
+            raise ConfigError(
+                f"--upstream {labels} is this server's own DNS listener: queries would loop"
+                " (name the resolvers this machine used before discovery)"
+            )
+        log.warning("--upstream %s is this server's own DNS listener: not used", labels)
+        self.upstreams = [u for u in self.upstreams if not is_us(u)]
 
     # the fast path: a warm entry, no parsing
 
