@@ -27,6 +27,7 @@ from .model import (
     is_label,
 )
 from .net.ipam import Ipam
+from .net.overlay import Overlay
 from .openapi import openapi_document
 from .registry import Registry
 from .store.base import LeaseNotFound, Store, StoreUnavailable
@@ -48,6 +49,7 @@ class Context:
     registry: Registry
     metrics: Metrics
     ipam: Ipam | None = None
+    overlay: Overlay | None = None
 
 
 CONTEXT = web.AppKey("context", Context)

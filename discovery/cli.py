@@ -61,6 +61,13 @@ def version() -> str:
         return "unknown"
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise ValueError(f"{text!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+    return value in ("1", "true", "yes", "on")
+
+
 # flag, type/parser, default, help
 _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     (
@@ -104,7 +111,10 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         None,
         f"Unix socket for discovery-cni ('' for none) [as root: {DEFAULT_CNI_SOCKET}; else none]",
     ),
+    ("--overlay", _flag, False, "program the VXLAN overlay of vxlan networks (CAP_NET_ADMIN)"),
+    ("--overlay-resync", _number, 10.0, "seconds between full overlay passes (repairs drift)"),
 ]
+_FLAGS = {"--overlay"}  # switches: no value on the command line
 
 
 def _endpoint(url: str) -> HostPort:
@@ -124,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every flag can also be set as DISCOVERY_<FLAG> (e.g. DISCOVERY_DNS_TTL).",
     )
     for flag, _, default, text in _OPTIONS:
+        more: dict[str, Any] = {"action": "store_const", "const": "1"} if flag in _FLAGS else {}
         serve.add_argument(
-            flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]"
+            flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]", **more
         )
     serve.add_argument(
         "--zone",
@@ -175,6 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     config.setup_logging()
+    if config.overlay:
+        from .net.overlay import has_net_admin
+
+        if not has_net_admin():
+            log.error(
+                "cannot start: --overlay programs VXLAN devices, routes and neighbours and needs "
+                "CAP_NET_ADMIN (run as root, or grant it: setcap cap_net_admin+ep, "
+                "AmbientCapabilities=CAP_NET_ADMIN)"
+            )
+            return 1
     try:
         sockets = config.bind_sockets()
     except OSError as error:

@@ -140,6 +140,8 @@ class Config:
     node_ttl: int = 60
     cni_socket: str = ""  # the CNI agent's Unix socket; "" = off
     cni_socket_default: bool = False  # the path was not asked for: a busy one is a warning
+    overlay: bool = False
+    overlay_resync: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.zones:
@@ -183,6 +185,13 @@ class Config:
             raise ConfigError("--node-ttl must be between 5 and 3600 seconds")
         if self.cni_socket and not self.cni_socket.startswith("/"):
             raise ConfigError("--cni-socket must be an absolute path (or '' for none)")
+        if self.overlay:
+            if self.node_ip is None:
+                raise ConfigError("--overlay needs --node-ip (this node's underlay address)")
+            if ipaddress.ip_address(self.node_ip).version != 4:
+                raise ConfigError("--overlay needs an IPv4 --node-ip (VXLAN over IPv4 only)")
+        if not 0.5 <= self.overlay_resync <= 3600:
+            raise ConfigError("--overlay-resync must be between 0.5 and 3600 seconds")
         for upstream in self.upstream:
             try:
                 ipaddress.ip_address(upstream.host)

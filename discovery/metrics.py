@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .dns.forward import Forwarder
     from .dns.resolver import Stats
     from .dns.transport import TcpConnections
+    from .net.overlay import Overlay
     from .registry import Registry
     from .watcher import Watcher
 
@@ -53,8 +54,11 @@ class Metrics:
         watcher: Watcher,
         stats: Stats,
         tcp: TcpConnections | None = None,
+        overlay: Overlay | None = None,
     ) -> None:
         self.registry.register(_StateCollector(registry, answers, watcher, stats, tcp))
+        if overlay is not None:
+            self.registry.register(_OverlayCollector(overlay))
 
     def watch_forwarding(self, forwarder: Forwarder) -> None:
         self.registry.register(_ForwardCollector(forwarder))
@@ -179,6 +183,33 @@ class _ForwardCollector(Collector):
         for (label, reason), count in sorted(stats.upstream_failures.items()):
             failures.add_metric([label, reason], count)
         yield failures
+
+
+class _OverlayCollector(Collector):
+    def __init__(self, overlay: Overlay) -> None:
+        self.overlay = overlay
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        overlay = self.overlay
+        yield _gauge(
+            "discovery_overlay_peers",
+            "Other nodes' blocks whose route, neighbour and FDB entry are programmed",
+            overlay.peers,
+        )
+        errors = CounterMetricFamily(
+            "discovery_overlay_errors",
+            "Overlay failures: blocks skipped (node_ip, vtep_mac, duplicate_mac, vni) and "
+            "failed netlink calls (netlink)",
+            labels=["reason"],
+        )
+        for reason in ("node_ip", "vtep_mac", "duplicate_mac", "vni", "netlink"):
+            errors.add_metric([reason], overlay.errors[reason])
+        yield errors
+        changes = CounterMetricFamily(
+            "discovery_overlay_changes", "Netlink writes the overlay made (0 while in step)"
+        )
+        changes.add_metric([], overlay.changes)
+        yield changes
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

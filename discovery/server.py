@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .model import records_prefix
 from .net import routes as network_routes
 from .net.ipam import Ipam
+from .net.overlay import Overlay
 from .registry import Changes, Registry
 from .store.base import Store, StoreUnavailable
 from .store.embedded import EmbeddedStore
@@ -105,6 +106,12 @@ class Server:
             config.node_ttl,
             lease_id=config.node_lease,
         )
+        self.overlay: Overlay | None = None
+        if config.overlay and config.node_ip is not None:
+            self.overlay = Overlay(
+                self.registry, config.node, config.node_ip, config.overlay_resync
+            )
+            self.registry.subscribe(self.overlay)
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)
         self.http_address: tuple[str, int] = (config.http.host, config.http.port)
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,12 +148,21 @@ class Server:
                 config.tcp_idle_timeout,
                 config.tcp_max_connections,
             )
+            if self.overlay is not None:
+                await self.overlay.start()
             self.metrics.watch(
-                self.registry, self.answers, self.watcher, self.resolver.stats, self._connections
+                self.registry,
+                self.answers,
+                self.watcher,
+                self.resolver.stats,
+                self._connections,
+                self.overlay,
+            )
+            context = Context(
+                config, self.store, self.registry, self.metrics, self.ipam, self.overlay
             )
             if self.forwarder is not None:
                 self.metrics.watch_forwarding(self.forwarder)
-            context = Context(config, self.store, self.registry, self.metrics, self.ipam)
             app = create_app(context, network_routes.add_routes)
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
             self._tasks.append(asyncio.create_task(self._adopt_node_lease(), name="node-lease"))
@@ -183,6 +199,8 @@ class Server:
         await self.ipam.close()
         if self.forwarder is not None:
             await self.forwarder.close()
+        if self.overlay is not None:
+            await self.overlay.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -212,6 +230,7 @@ class Server:
         while self.registry.synced:
             try:
                 await self.ipam.lease.adopt()
+                await self.ipam.republish()
                 return
             except StoreUnavailable as error:
                 log.warning("cannot renew this node's lease yet (%s): retrying", error)

@@ -242,6 +242,13 @@ class Ipam:
                         f"network {name} has attachments: its subnet and node_prefix cannot "
                         "change until they are gone",
                     )
+            clash = self._vni_holder(name, spec)
+            if clash is not None:
+                raise IpamError(
+                    409,
+                    "VNI in use",
+                    f"network {clash} uses VXLAN VNI {spec.vni} already: choose another vni",
+                )
             expect = {self.keys.network(name): current.revision if current else 0}
             result = await self.store.txn(expect, [Put(self.keys.network(name), spec.encode())])
             if result.succeeded:
@@ -249,6 +256,16 @@ class Ipam:
                 return Network(name, spec, result.revision), current is None
             await self._catch_up()
         raise StoreUnavailable(f"network {name} kept changing under this write")
+
+    def _vni_holder(self, name: str, spec: NetworkSpec) -> str | None:
+        """Another vxlan network with the same VNI (one VXLAN device per VNI on a node)."""
+        if spec.backend != "vxlan":
+            return None
+        for other, network in self.registry.networks().items():
+            theirs = network.spec
+            if other != name and theirs.backend == "vxlan" and theirs.vni == spec.vni:
+                return other
+        return None
 
     async def delete_network(self, name: str) -> bool:
         for _ in range(ATTEMPTS):
@@ -320,6 +337,33 @@ class Ipam:
                 f"network {network.name} ({network.spec.subnet}) has no free "
                 f"/{network.spec.node_prefix} block for node {self.node}",
             )
+
+    async def republish(self) -> None:
+        """After a restart: this node's blocks announce its current node_ip and VTEP MAC, so
+        peers follow a node that came back with another --node-ip."""
+        lease = self.lease.id
+        if not lease:
+            return
+        for name in list(self.registry.networks()):
+            mac = vtep_mac(self.node, name)
+            for cidr, block in list(self.registry.blocks(name).items()):
+                if block.node != self.node or block.lease != lease:
+                    continue
+                if (block.node_ip, block.vtep_mac) == (self.node_ip, mac):
+                    continue
+                key = self.keys.block(name, cidr)
+                value = Block.encode(self.node, self.node_ip, mac)
+                result = await self.store.txn({key: block.revision}, [Put(key, value, lease)])
+                if result.succeeded:
+                    log.info(
+                        "node %s announces node_ip %s for block %s of %s (was %s)",
+                        self.node,
+                        self.node_ip or "-",
+                        cidr,
+                        name,
+                        block.node_ip or "-",
+                    )
+                    await self._visible(result.revision)
 
     # attachments
 

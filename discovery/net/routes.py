@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from ..api import CONTEXT, Problem, invalid, read_json, validation_errors
 from ..model import is_label
 from .ipam import Ipam, IpamError
+from .overlay import Overlay
 from .records import AttachmentRequest, NetworkSpec, is_container_id, is_ifname
 
 M = TypeVar("M", bound=BaseModel)
@@ -76,7 +77,7 @@ def _problem(error: IpamError) -> Problem:
     return Problem(error.status, error.title, error.detail)
 
 
-def _network_body(ipam: Ipam, name: str) -> dict[str, Any]:
+def _network_body(ipam: Ipam, name: str, overlay: Overlay | None = None) -> dict[str, Any]:
     registry = ipam.registry
     network = registry.network(name)
     assert network is not None
@@ -97,6 +98,9 @@ def _network_body(ipam: Ipam, name: str) -> dict[str, Any]:
                 "attachments": used,
                 "free": max(0, size - 3 - used),
                 "mine": block.node == ipam.node,
+                # another node's block: its route, neighbour and FDB entry are in this
+                # node's kernel; this node's own block: its address is on the VXLAN device
+                "programmed": overlay is not None and overlay.is_programmed(name, cidr),
             }
         )
     return {**network.to_json(), "blocks": blocks, "attachments": len(attachments)}
@@ -119,7 +123,8 @@ async def put_network(request: web.Request) -> web.Response:
 async def list_networks(request: web.Request) -> web.Response:
     ipam = _ipam(request)
     names = sorted(ipam.registry.networks())
-    return web.json_response({"networks": [_network_body(ipam, name) for name in names]})
+    overlay = request.app[CONTEXT].overlay
+    return web.json_response({"networks": [_network_body(ipam, name, overlay) for name in names]})
 
 
 async def get_network(request: web.Request) -> web.Response:
@@ -127,7 +132,7 @@ async def get_network(request: web.Request) -> web.Response:
     name = _network_name(request)
     if ipam.registry.network(name) is None:
         raise Problem(404, "Network not found", f"no network {name}")
-    return web.json_response(_network_body(ipam, name))
+    return web.json_response(_network_body(ipam, name, request.app[CONTEXT].overlay))
 
 
 async def delete_network(request: web.Request) -> web.Response:

@@ -1,0 +1,328 @@
+"""Network namespaces for overlay tests: hosts on one underlay bridge, containers on bridges.
+
+Everything is made inside namespaces the test creates (never a link in the root namespace)
+under a random suffix, and removed on close() even when the test failed halfway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+UNDERLAY = "192.168.77"  # /24 on the underlay bridge; it only exists inside the test's namespaces
+ETCD_IP = f"{UNDERLAY}.100"
+NETNS_ETC = Path("/etc/netns")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces, bridges and VXLAN devices")
+    for tool in ("ip", "bridge"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs `{tool}` (iproute2) to build and inspect the test network")
+
+
+def ip(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def in_netns(netns: str, *argv: str, timeout: float = 30, check: bool = True) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=timeout
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{netns}: {' '.join(argv)} failed: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+async def until(
+    what: str, check: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0
+) -> float:
+    """Poll check() until it holds; returns the seconds it took. Fails naming `what`."""
+    started = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not after {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+def block_entries(netns: str, device: str, cidr: str, mac: str) -> dict[str, str]:
+    """What the kernel holds for one remote block and its VTEP MAC: route, neighbour, FDB."""
+    found: dict[str, str] = {}
+    gateway = cidr.split("/")[0]
+    routes = ip("-n", netns, "route", "show", "exact", cidr, check=False).strip()
+    if routes:
+        found["route"] = routes
+    for line in ip("-n", netns, "neigh", "show", "dev", device, check=False).splitlines():
+        if line.split()[:1] == [gateway]:
+            found["neigh"] = line.strip()
+    done = subprocess.run(
+        ["bridge", "-n", netns, "fdb", "show", "dev", device],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    fdb = [line.strip() for line in done.stdout.splitlines() if line.startswith(mac + " dst")]
+    if fdb:
+        found["fdb"] = "\n".join(fdb)
+    return found
+
+
+@dataclass
+class Container:
+    name: str
+    netns: str
+    address: str
+    host: Host
+
+
+@dataclass
+class Host:
+    lab: Lab
+    name: str
+    netns: str
+    address: str
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    containers: list[Container] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:8080{path}"
+
+    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        argv = ["curl", "-s", "-m", "10", "-X", method, "-w", "\n%{http_code}", self.url(path)]
+        if body is not None:
+            argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+        out = in_netns(self.netns, *argv, check=False)
+        text, _, code = out.rpartition("\n")
+        try:
+            data = json.loads(text) if text.strip() else None
+        except ValueError:
+            data = text
+        return int(code or 0), data
+
+    def start(self, *extra: str, node_ip: str | None = None, ttl: int = 5) -> None:
+        """`discovery serve --overlay` in this host's namespace (DNS on :53 for containers)."""
+        assert self.proc is None or self.proc.poll() is not None
+        self.log = self.lab.tmp / f"node-{self.name}.log"
+        argv = [
+            sys.executable, "-m", "discovery", "serve",
+            "--etcd", f"http://{ETCD_IP}:2379",
+            "--node", self.name,
+            "--node-ip", node_ip or self.address,
+            "--node-ttl", str(ttl),
+            "--overlay",
+            "--overlay-resync", "1",
+            "--dns", "0.0.0.0:53",
+            "--http", "127.0.0.1:8080",
+            *extra,
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    async def ready(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"node {self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+            return self.http("GET", "/readyz")[0] == 200
+
+        await until(f"node {self.name} ready", answers, timeout)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def metric(self, name: str) -> float:
+        status, text = self.http("GET", "/metrics")
+        assert status == 200, text
+        total = 0.0
+        for line in str(text).splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def dig(self, name: str) -> list[str]:
+        out = in_netns(
+            self.netns, "dig", "@127.0.0.1", "+short", "+time=2", "+tries=2", name, check=False
+        )
+        return sorted(line for line in out.split() if line)
+
+    def container(self, name: str, network: str = "pods") -> Container:
+        """A netns with a veth into this host's bridge, plumbed from the attachment's answer
+        (what a CNI bridge plugin does)."""
+        status, body = self.http(
+            "PUT",
+            f"/v1/networks/{network}/attachments/{name}-{self.lab.suffix}/eth0",
+            {"name": name},
+        )
+        assert status in (200, 201), body
+        netns = self.lab.netns(f"c{name}")
+        bridge = "cni0"
+        if not ip("-n", self.netns, "link", "show", bridge, check=False):
+            ip("-n", self.netns, "link", "add", bridge, "type", "bridge")
+            ip("-n", self.netns, "link", "set", bridge, "up")
+        gateway = f"{body['gateway']}/{body['prefix_len']}"
+        if gateway.split("/")[0] not in ip("-n", self.netns, "-4", "addr", "show", "dev", bridge):
+            ip("-n", self.netns, "addr", "add", gateway, "dev", bridge)
+        veth = f"v{name}"[:15]
+        ip("-n", self.netns, "link", "add", veth, "mtu", str(body["mtu"]), "type", "veth",
+           "peer", "name", "eth0", "netns", netns)  # fmt: skip
+        ip("-n", self.netns, "link", "set", veth, "master", bridge, "up")
+        ip("-n", netns, "link", "set", "eth0", "mtu", str(body["mtu"]), "up")
+        ip("-n", netns, "addr", "add", f"{body['address']}/{body['prefix_len']}", "dev", "eth0")
+        for route in body["routes"]:
+            ip("-n", netns, "route", "add", route["dst"], "via", route["gw"])
+        etc = NETNS_ETC / netns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(
+            f"nameserver {body['gateway']}\nsearch {network}.net.cluster.local\noptions ndots:1\n"
+        )
+        container = Container(name, netns, body["address"], self)
+        self.containers.append(container)
+        return container
+
+
+class Lab:
+    """Hosts (network namespaces) on one underlay bridge, an infra namespace running etcd."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.suffix = secrets.token_hex(3)
+        self.namespaces: list[str] = []
+        self.hosts: dict[str, Host] = {}
+        self.etcd: subprocess.Popen[bytes] | None = None
+        self.underlay = self.infra = ""
+
+    def build(self) -> None:
+        self.underlay = self.netns("ul")
+        ip("-n", self.underlay, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.underlay, "link", "set", "br0", "up")
+        self.infra = self.attach("infra", ETCD_IP)
+
+    def netns(self, role: str) -> str:
+        name = f"ov{role}-{self.suffix}"
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def attach(self, role: str, address: str) -> str:
+        """A namespace with eth0 on the underlay bridge."""
+        netns = self.netns(role)
+        port = f"p-{role}"[:15]
+        ip("-n", self.underlay, "link", "add", port, "type", "veth",
+           "peer", "name", "eth0", "netns", netns)  # fmt: skip
+        ip("-n", self.underlay, "link", "set", port, "master", "br0", "up")
+        ip("-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        return netns
+
+    def host(self, name: str, index: int) -> Host:
+        address = f"{UNDERLAY}.{index}"
+        host = Host(self, name, self.attach(f"h{name}", address), address)
+        self.hosts[name] = host
+        return host
+
+    async def start_etcd(self) -> None:
+        self.launch_etcd()
+        client = f"http://{ETCD_IP}:2379"
+
+        def healthy() -> bool:
+            assert self.etcd is not None
+            if self.etcd.poll() is not None:
+                pytest.fail(f"etcd exited {self.etcd.returncode}")
+            out = in_netns(self.infra, "curl", "-s", "-m", "2", f"{client}/health", check=False)
+            return '"true"' in out
+
+        await until("etcd healthy", healthy, 30)
+
+    def launch_etcd(self) -> None:
+        data = self.tmp / "etcd"
+        client = f"http://{ETCD_IP}:2379"
+        peer = "http://127.0.0.1:2380"
+        argv = [
+            "etcd", "--name", "infra", "--data-dir", str(data),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"infra={peer}",
+        ]  # fmt: skip
+        with open(self.tmp / "etcd.log", "ab") as log:
+            self.etcd = subprocess.Popen(
+                ["ip", "netns", "exec", self.infra, *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def stop_etcd(self) -> None:
+        if self.etcd is not None and self.etcd.poll() is None:
+            self.etcd.kill()
+            self.etcd.wait(timeout=20)
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            with contextlib.suppress(Exception):
+                host.kill()
+        with contextlib.suppress(Exception):
+            self.stop_etcd()
+        for name in reversed(self.namespaces):
+            ip("netns", "del", name, check=False)
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def make_lab(tmp: Path) -> Iterator[Lab]:
+    require_root()
+    lab = Lab(tmp)
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.close()
+
+
+def ping(container: Container, target: str, count: int = 1, wait: float = 2) -> bool:
+    done = subprocess.run(
+        ["ip", "netns", "exec", container.netns, "ping", "-c", str(count), "-W", str(wait), target],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done.returncode == 0
+
+
+__all__ = ["Container", "Host", "Lab", "make_lab", "ping", "signal"]
