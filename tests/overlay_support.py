@@ -6,7 +6,6 @@ under a random suffix, and removed on close() even when the test failed halfway.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -15,13 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import eventually
 
 UNDERLAY = "192.168.77"  # /24 on the underlay bridge; it only exists inside the test's namespaces
 ETCD_IP = f"{UNDERLAY}.100"
@@ -52,20 +51,13 @@ def in_netns(netns: str, *argv: str, timeout: float = 30, check: bool = True) ->
     return done.stdout
 
 
-async def until(
-    what: str, check: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0
-) -> float:
-    """Poll check() until it holds; returns the seconds it took. Fails naming `what`."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not after {timeout} s")
-        await asyncio.sleep(0.05)
+async def until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> float:
+    """eventually() for checks that ask the kernel or another process synchronously."""
+
+    async def ask() -> bool:
+        return check()
+
+    return await eventually(ask, what, timeout)
 
 
 def block_entries(netns: str, device: str, cidr: str, mac: str) -> dict[str, str]:
@@ -137,6 +129,7 @@ class Host:
             "--overlay-resync", "1",
             "--dns", "0.0.0.0:53",
             "--http", "127.0.0.1:8080",
+            "--cni-socket", self.cni_socket,
             *extra,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
@@ -181,39 +174,52 @@ class Host:
         )
         return sorted(line for line in out.split() if line)
 
+    @property
+    def cni_socket(self) -> str:
+        return str(self.lab.tmp / f"cni-{self.name}.sock")
+
     def container(self, name: str, network: str = "pods") -> Container:
-        """A netns with a veth into this host's bridge, plumbed from the attachment's answer
-        (what a CNI bridge plugin does)."""
-        status, body = self.http(
-            "PUT",
-            f"/v1/networks/{network}/attachments/{name}-{self.lab.suffix}/eth0",
-            {"name": name},
-        )
-        assert status in (200, 201), body
+        """A namespace plumbed by `discovery-cni ADD` through this host's node, with a
+        resolv.conf naming the node's DNS at the bridge gateway (search <net>.net.<zone>)."""
         netns = self.lab.netns(f"c{name}")
-        bridge = "cni0"
-        if not ip("-n", self.netns, "link", "show", bridge, check=False):
-            ip("-n", self.netns, "link", "add", bridge, "type", "bridge")
-            ip("-n", self.netns, "link", "set", bridge, "up")
-        gateway = f"{body['gateway']}/{body['prefix_len']}"
-        if gateway.split("/")[0] not in ip("-n", self.netns, "-4", "addr", "show", "dev", bridge):
-            ip("-n", self.netns, "addr", "add", gateway, "dev", bridge)
-        veth = f"v{name}"[:15]
-        ip("-n", self.netns, "link", "add", veth, "mtu", str(body["mtu"]), "type", "veth",
-           "peer", "name", "eth0", "netns", netns)  # fmt: skip
-        ip("-n", self.netns, "link", "set", veth, "master", bridge, "up")
-        ip("-n", netns, "link", "set", "eth0", "mtu", str(body["mtu"]), "up")
-        ip("-n", netns, "addr", "add", f"{body['address']}/{body['prefix_len']}", "dev", "eth0")
-        for route in body["routes"]:
-            ip("-n", netns, "route", "add", route["dst"], "via", route["gw"])
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": network,
+            "type": "discovery-cni",
+            "bridge": "cni0",
+            "isGateway": True,
+            "socket": self.cni_socket,
+            "args": {"cni": {"discovery": {"name": name}}},
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
+        env.update(
+            CNI_COMMAND="ADD",
+            CNI_CONTAINERID=f"{name}-{self.lab.suffix}",
+            CNI_NETNS=f"/var/run/netns/{netns}",
+            CNI_IFNAME="eth0",
+            CNI_PATH="/opt/cni/bin",
+        )
+        done = subprocess.run(
+            cni_plugin(), input=json.dumps(conf), env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, f"discovery-cni ADD: {done.stdout}{done.stderr}"
+        result = json.loads(done.stdout)
+        address, gateway = result["ips"][0]["address"].split("/")[0], result["ips"][0]["gateway"]
         etc = NETNS_ETC / netns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
-            f"nameserver {body['gateway']}\nsearch {network}.net.cluster.local\noptions ndots:1\n"
+            f"nameserver {gateway}\nsearch {network}.net.cluster.local\noptions ndots:1\n"
         )
-        container = Container(name, netns, body["address"], self)
+        container = Container(name, netns, address, self)
         self.containers.append(container)
         return container
+
+
+def cni_plugin() -> list[str]:
+    """The installed `discovery-cni` next to this interpreter, as a runtime finds it."""
+    script = Path(sys.executable).parent / "discovery-cni"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "discovery.net.cni"]
 
 
 class Lab:
