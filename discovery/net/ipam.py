@@ -227,6 +227,18 @@ class Ipam:
     async def _visible(self, revision: int) -> None:
         await self.registry.reached(revision, VISIBLE_WAIT)
 
+    async def _network_seen(self, name: str) -> Network | None:
+        """The network as this replica knows it. When it does not know it yet, the store
+        decides: a network just created through another replica or worker is waited for
+        (its revision reaching this registry), not answered 404."""
+        network = self.registry.network(name)
+        if network is None:
+            kv = await self.store.get(self.keys.network(name))
+            if kv is not None:
+                await self._visible(kv.mod_revision)
+                network = self.registry.network(name)
+        return network
+
     # networks
 
     async def put_network(self, name: str, spec: NetworkSpec) -> tuple[Network, bool]:
@@ -378,7 +390,7 @@ class Ipam:
                 f"name: the container ID does not start with a DNS label ({name!r}); give a name",
             )
         for _ in range(ATTEMPTS):
-            network = self.registry.network(network_name)
+            network = await self._network_seen(network_name)
             if network is None:
                 raise IpamError(404, "Network not found", f"no network {network_name}")
             existing = self.registry.attachment(network_name, container_id, ifname)
