@@ -647,3 +647,17 @@ async def test_two_nodes_adding_30_containers_each_at_once(tmp_path: Path) -> No
                 assert await attachments(nodes[0]) == []
         finally:
             etcd.stop()
+
+
+async def test_concurrent_adds_for_one_container_take_turns(node: Node) -> None:
+    await node.network()
+    with node.container() as c1:
+        results = await asyncio.gather(*(add(node, c1) for _ in range(4)))
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 1, 1, 1], results
+        assert all(cni_error(out, 101) for code, out in results if code)
+        assert len(await attachments(node)) == 1 and len(veths(node)) == 1
+        assert sorted(links(c1)) == ["eth0", "lo"]
+        results = await asyncio.gather(*(delete(node, c1) for _ in range(3)))
+        assert results == [(0, None)] * 3
+        assert await attachments(node) == [] and veths(node) == []

@@ -80,6 +80,7 @@ class CniAgent:
         self.netlink = Netlink()
         self._runner: web.AppRunner | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
+        self._users: dict[Key, int] = {}  # commands holding or awaiting each lock
         self._releases: dict[Key, asyncio.Task[None]] = {}
 
     # lifecycle
@@ -157,6 +158,7 @@ class CniAgent:
     async def _serial(self, key: Key) -> AsyncIterator[None]:
         """One command at a time per container interface; a pending release gives way."""
         lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
         try:
             async with lock:
                 pending = self._releases.pop(key, None)
@@ -166,7 +168,9 @@ class CniAgent:
                         await pending
                 yield
         finally:
-            if not lock.locked() and self._locks.get(key) is lock:
+            self._users[key] -= 1
+            if not self._users[key]:  # nobody holds or awaits it: forget the lock
+                del self._users[key]
                 del self._locks[key]
 
     def _ready(self) -> None:
