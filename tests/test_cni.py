@@ -13,6 +13,8 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -137,6 +139,7 @@ def cni_error(output: Any, code: int) -> dict[str, Any]:
     return output  # type: ignore[no-any-return]
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 BASE_CONF = {"cniVersion": "1.1.0", "name": "pods", "type": "discovery-cni", "bridge": "cni0"}
 
 
@@ -661,3 +664,60 @@ async def test_concurrent_adds_for_one_container_take_turns(node: Node) -> None:
         results = await asyncio.gather(*(delete(node, c1) for _ in range(3)))
         assert results == [(0, None)] * 3
         assert await attachments(node) == [] and veths(node) == []
+
+
+def readme_walkthrough() -> str:
+    text = README.read_text()
+    section = text[text.index("## Containers on a node: `discovery-cni`") :]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "no sh block in the discovery-cni section"
+    return match.group(1)
+
+
+async def test_the_readme_wires_two_containers_as_written(tmp_path: Path) -> None:
+    """The README's discovery-cni section, run by bash in a node namespace of its own; only
+    the CNI socket and the container namespaces' names are made unique."""
+    require_netns()
+    sock = str(tmp_path / "cni.sock")
+    c1, c2 = unique("c1"), unique("c2")
+    script = readme_walkthrough()
+    serve, server = "discovery serve --dns 0.0.0.0:8053", '"server": "http://127.0.0.1:8080"'
+    replacements = [
+        (f"{serve} &", f"{serve} --cni-socket {sock} &"),
+        (f"{server}}}", f'{server}, "socket": "{sock}"}}'),
+    ]
+    for old, new in replacements:
+        assert script.count(old) == 1, old
+        script = script.replace(old, new)
+    for old, new in (("c1", c1), ("c2", c2)):  # the names, not `ping -c1`
+        script = re.sub(rf"(?<![\w-]){old}\b", new, script)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    out = await asyncio.to_thread(out_path.open, "wb")
+    err = await asyncio.to_thread(err_path.open, "wb")
+    with netns("node") as node, out, err:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", node, "bash", "-euo", "pipefail", "-c",
+            "ip link set lo up\n" + script,
+            stdout=out, stderr=err, cwd=tmp_path, env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(90):
+                await proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the server, if the script stopped early
+            await proc.wait()
+            for name in (c1, c2):
+                ip("netns", "del", name, check=False)
+    output = out_path.read_text()
+    assert proc.returncode == 0, output + err_path.read_text()
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    assert lines[0].endswith(" 201"), lines
+    results = [json.loads(line) for line in lines if line.startswith('{"cniVersion"')]
+    assert [valid_result(r)["ips"][0]["address"] for r in results] == [
+        "10.244.0.2/24",
+        "10.244.0.3/24",
+    ]
+    assert "1 packets transmitted, 1 received" in output
+    assert "10.244.0.2" in lines and "ok" in lines and lines[-1] == "204", lines
