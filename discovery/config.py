@@ -142,6 +142,9 @@ class Config:
     cni_socket_default: bool = False  # the path was not asked for: a busy one is a warning
     overlay: bool = False
     overlay_resync: float = 10.0
+    # Not a flag: with --workers, the first worker programs the overlay and the others only
+    # read the kernel (to say what is programmed); one writer per node.
+    overlay_observe: bool = False
 
     def __post_init__(self) -> None:
         if not self.zones:

@@ -109,7 +109,11 @@ class Server:
         self.overlay: Overlay | None = None
         if config.overlay and config.node_ip is not None:
             self.overlay = Overlay(
-                self.registry, config.node, config.node_ip, config.overlay_resync
+                self.registry,
+                config.node,
+                config.node_ip,
+                config.overlay_resync,
+                program=not config.overlay_observe,
             )
             self.registry.subscribe(self.overlay)
         self.dns_address: tuple[str, int] = (config.dns.host, config.dns.port)

@@ -49,8 +49,8 @@ async def _serve_worker(config: Config, sockets: Sockets, parent: int, number: i
         if os.getppid() != parent:  # it died (its pid maybe reused) before pidfd_open
             log.warning("worker %d: the parent process is gone before the start", number)
             return
-        if number:  # one process per node programs the overlay; the kernel has one state
-            config = dataclasses.replace(config, overlay=False)
+        if number:  # one process per node writes the overlay; the others read the kernel
+            config = dataclasses.replace(config, overlay_observe=True)
         server = Server(config)
         loop = asyncio.get_running_loop()
 

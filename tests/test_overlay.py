@@ -203,7 +203,10 @@ async def test_node_restarted_with_another_node_ip_is_followed(lab: Lab) -> None
         "A's FDB follows B",
         lambda: f"dst {moved}" in block_entries(a.netns, DEVICE, cidr, mac).get("fdb", ""),
     )
-    assert f"local {moved}" in ip("-n", b.netns, "-d", "link", "show", DEVICE)
+    await until(  # B replaced its device (its local address changed)
+        "B's device on its new address",
+        lambda: f"local {moved}" in ip("-n", b.netns, "-d", "link", "show", DEVICE, check=False),
+    )
     await reaches(a, b)
     await reaches(b, a)
     assert ping(a1, b1.address)

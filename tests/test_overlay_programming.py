@@ -258,3 +258,24 @@ async def test_plan_skips_what_it_cannot_program(server: Server) -> None:
         "10.244.5.0/24": "vtep_mac",
         "10.244.6.0/24": "duplicate_mac",
     }
+
+
+async def test_an_observer_reports_what_the_writer_programmed(node: Node) -> None:
+    """With --workers, the workers after the first only read the kernel."""
+    observer = Overlay(
+        node.server.registry, NODE, NODE_IP, interval=0.3, netns=node.netns, program=False
+    )
+    node.server.registry.subscribe(observer)
+    await observer.start()
+    try:
+        await node.network()
+        await node.block("10.244.2.0/24", "b", "192.168.77.2")
+        mac = vtep_mac("b", "pods")
+        await node.has("10.244.2.0/24", mac, "192.168.77.2")
+        await until("observer sees b", lambda: observer.is_programmed("pods", "10.244.2.0/24"))
+        ip("-n", node.netns, "route", "del", "10.244.2.0/24")
+        await node.has("10.244.2.0/24", mac, "192.168.77.2")  # the writer repairs it
+        await until("observer sees b", lambda: observer.is_programmed("pods", "10.244.2.0/24"))
+        assert observer.changes == 0 and observer.passes > 1
+    finally:
+        await observer.close()

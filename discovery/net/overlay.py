@@ -187,8 +187,9 @@ class Outcome:
 class Dataplane:
     """The netlink side; every method runs in the overlay's one thread."""
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, program: bool = True) -> None:
         self.netns = netns
+        self.program = program  # False: only read the kernel (another process writes it)
         self._ipr: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -208,7 +209,7 @@ class Dataplane:
             self._loop.close()
             self._loop = None
             raise
-        if self.netns is None:
+        if self.netns is None and self.program:
             _enable_forwarding()
 
     def close(self) -> None:
@@ -224,6 +225,8 @@ class Dataplane:
     def apply(self, plans: Mapping[str, NetworkPlan]) -> Outcome:
         from pyroute2.netlink.exceptions import NetlinkError
 
+        if not self.program:
+            return self._observe(plans)
         outcome = Outcome()
         ipr = self._ipr
         wanted = {p.device.name for p in plans.values()}
@@ -316,12 +319,29 @@ class Dataplane:
             outcome.changes += 1
         return int(index)
 
-    def _peers(self, index: int, network_plan: NetworkPlan, outcome: Outcome) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
+    def _observe(self, plans: Mapping[str, NetworkPlan]) -> Outcome:
+        """Which peers the kernel holds as planned; writes nothing."""
+        outcome = Outcome()
+        for network, network_plan in plans.items():
+            found = self._ipr.link_lookup(ifname=network_plan.device.name)
+            if not found:
+                continue
+            index = int(found[0])
+            outcome.devices[network] = index
+            routes, neighbours, fdb = self._entries(index)
+            outcome.programmed[network] = {
+                cidr
+                for cidr, peer in network_plan.peers.items()
+                if routes.get(cidr) == peer.gateway
+                and neighbours.get(peer.gateway) == peer.mac
+                and fdb.get(peer.mac) == peer.node_ip
+            }
+        return outcome
 
+    def _entries(self, index: int) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        """The device's routes (cidr -> gateway), permanent neighbours (address -> MAC) and
+        remote FDB entries (MAC -> node_ip)."""
         ipr = self._ipr
-        network = network_plan.device.network
-        peers = network_plan.peers
         routes: dict[str, str] = {}
         for route in ipr.route("dump", family=socket.AF_INET, oif=index, table=MAIN_TABLE):
             gateway = route.get("RTA_GATEWAY")
@@ -335,7 +355,15 @@ class Dataplane:
         for entry in ipr.fdb("dump", ifindex=index):
             if entry["ifindex"] == index and entry.get("NDA_DST"):
                 fdb[(entry.get("NDA_LLADDR") or "").lower()] = entry.get("NDA_DST")
+        return routes, neighbours, fdb
 
+    def _peers(self, index: int, network_plan: NetworkPlan, outcome: Outcome) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ipr = self._ipr
+        network = network_plan.device.network
+        peers = network_plan.peers
+        routes, neighbours, fdb = self._entries(index)
         gateways = {peer.gateway: peer.mac for peer in peers.values()}
         macs = {peer.mac: peer.node_ip for peer in peers.values()}
 
@@ -410,12 +438,14 @@ class Overlay:
         node_ip: str,
         interval: float = 10.0,
         netns: str | None = None,
+        program: bool = True,
     ) -> None:
         self.registry = registry
         self.node = node
         self.node_ip = node_ip
         self.interval = interval
-        self.dataplane = Dataplane(netns)
+        self.program = program
+        self.dataplane = Dataplane(netns, program)
         self.errors: Counter[str] = Counter()  # reason -> count
         self.changes = 0  # netlink writes made so far
         self.passes = 0
@@ -495,8 +525,13 @@ class Overlay:
         self._dirty.set()
         while True:
             periodic = False
+            # an observer looks again soon while the writer may still be at work
+            behind = not self.program and any(
+                len(self.programmed.get(n, ())) < len(p.peers)
+                for n, p in self._applied_plans.items()
+            )
             try:
-                await asyncio.wait_for(self._dirty.wait(), self.interval)
+                await asyncio.wait_for(self._dirty.wait(), 0.5 if behind else self.interval)
             except TimeoutError:
                 periodic = True
             self._dirty.clear()
@@ -516,7 +551,7 @@ class Overlay:
                 continue
             self._record(outcome)
             self._applied_plans = plans
-            self._applied = None if outcome.errors else plans
+            self._applied = None if outcome.errors or not self.program else plans
             self._passed.set()
 
     def _report(self, rejected: list[Rejection]) -> None:
