@@ -25,6 +25,7 @@ from .model import (
     decode_registration,
     encode_registration,
     is_label,
+    txt_problems,
 )
 from .net.ipam import Ipam
 from .net.overlay import Overlay
@@ -225,6 +226,9 @@ def _validate(data: Any, config: Config) -> Registration:
         raise invalid(
             [{"field": "ttl", "message": f"must be between {config.min_ttl} and {config.max_ttl}"}]
         )
+    # metadata is served as DNS-SD TXT strings: refuse what they cannot carry
+    if problems := txt_problems(spec.metadata):
+        raise invalid([{"field": "metadata", "message": problem} for problem in problems])
     return spec
 
 

@@ -28,6 +28,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from .model import txt_problems
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -37,7 +39,6 @@ WATCH_WAIT = 60.0  # seconds one long poll may block on the server
 BACKOFF_FIRST = 0.05  # seconds before the first retry while no server answers
 BACKOFF_CAP = 2.0  # never wait longer than this between retries (or a heartbeat interval)
 _RETRY_STATUS = (502, 503, 504)
-TXT_MAX = 255  # bytes in one TXT character-string (RFC 1035 3.3.14)
 
 
 class DiscoveryError(Exception):
@@ -108,17 +109,6 @@ def _port(value: PortLike) -> dict[str, Any]:
     if len(value) == 2:
         return {"name": value[0], "port": value[1], "protocol": "tcp"}
     return {"name": value[0], "port": value[1], "protocol": value[2]}
-
-
-def txt_problems(metadata: Mapping[str, str]) -> list[str]:
-    """Why metadata cannot be served as DNS-SD TXT strings (RFC 6763 6): empty when it can."""
-    problems = []
-    for key, value in metadata.items():
-        if not key or any(not 0x20 <= ord(c) <= 0x7E or c == "=" for c in key):
-            problems.append(f"key {key!r}: must be printable ASCII without '=' (RFC 6763 6.4)")
-        elif len(f"{key}={value}".encode()) > TXT_MAX:
-            problems.append(f"key {key!r}: 'key=value' is over {TXT_MAX} bytes in UTF-8")
-    return problems
 
 
 def backoff(attempt: int, cap: float = BACKOFF_CAP) -> float:

@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal, NamedTuple
 
@@ -19,6 +20,21 @@ DEFAULT_LEASE_TTL = 30
 def is_label(text: str) -> bool:
     """True for an RFC 1123 DNS label in lower case, at most 63 characters."""
     return LABEL_RE.fullmatch(text) is not None
+
+
+TXT_MAX = 255  # bytes in one TXT character-string (RFC 1035 3.3.14)
+
+
+def txt_problems(metadata: Mapping[str, str]) -> list[str]:
+    """Why metadata cannot be served as DNS-SD TXT strings (RFC 6763 6): empty when it can.
+    Keys are printable US-ASCII without '='; each "key=value" fits one TXT string."""
+    problems = []
+    for key, value in metadata.items():
+        if not key or any(not 0x20 <= ord(c) <= 0x7E or c == "=" for c in key):
+            problems.append(f"key {key!r}: must be printable ASCII without '=' (RFC 6763 6.4)")
+        elif len(f"{key}={value}".encode()) > TXT_MAX:
+            problems.append(f"key {key!r}: 'key=value' is over {TXT_MAX} bytes in UTF-8")
+    return problems
 
 
 Label = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_RE.pattern)]

@@ -237,11 +237,14 @@ class Answers:
 
     def __init__(self, settings: DnsSettings, sources: Iterable[NameSource] = ()) -> None:
         self.settings = settings
+        from .dnssd import DnsSdNames  # it builds on this module's helpers
+
         self.sources = list(sources) or [
             InstanceNames(),
             ServiceNames(),
             ReverseNames(),
             ContainerNames(),
+            DnsSdNames(),
         ]
         self.state = AnswerState(settings)
         self.synced = False
