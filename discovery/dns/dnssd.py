@@ -95,7 +95,7 @@ class DnsSdNames:
 
     def keys(self, registry: Registry) -> Iterable[object]:
         self._clear()
-        namespaces = {}
+        namespaces: dict[str, None] = {}
         for (namespace, service), instances in registry.services().items():
             namespaces[namespace] = None
             for name in instances:
