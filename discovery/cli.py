@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="served zone; may repeat [DISCOVERY_ZONE, comma-separated; default cluster.local]",
     )
+    from . import sidecar
+
+    sidecar.add_parser(commands)
     return parser
 
 
@@ -181,6 +184,10 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "register":
+        from . import sidecar
+
+        return sidecar.main(args, parser)
     try:
         config = config_from(args, dict(os.environ))
     except ConfigError as error:
