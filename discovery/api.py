@@ -395,6 +395,22 @@ async def get_service(request: web.Request) -> web.Response:
     return _indexed(body, registry)
 
 
+async def get_registry(request: web.Request) -> web.Response:
+    """Every instance registered over the API and the revision it reflects (what
+    `discovery check` compares with the store)."""
+    registry = request.app[CONTEXT].registry
+    index, wait = _wait_args(request)
+    if index is not None:
+        await registry.wait(lambda: registry.revision > index, wait)
+    instances = [
+        instance.to_json() | {"mod_revision": instance.revision}
+        for _, service in sorted(registry.services().items())
+        for _, instance in sorted(service.items())
+        if registry.registered(instance.key) is instance
+    ]
+    return _indexed({"revision": registry.revision, "instances": instances}, registry)
+
+
 async def get_instance(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
@@ -455,6 +471,7 @@ def create_app(
     app.router.add_get(base + "/instances/{inst}", get_instance)
     app.router.add_get(base, get_service)
     app.router.add_get("/v1/services", list_services)
+    app.router.add_get("/v1/registry", get_registry)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

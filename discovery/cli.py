@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="served zone; may repeat [DISCOVERY_ZONE, comma-separated; default cluster.local]",
     )
-    from . import sidecar
+    from . import check, sidecar
 
     sidecar.add_parser(commands)
+    check.add_parser(commands)
     return parser
 
 
@@ -188,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import sidecar
 
         return sidecar.main(args, parser)
+    if args.command == "check":
+        from . import check
+
+        return check.main(args, parser)
     try:
         config = config_from(args, dict(os.environ))
     except ConfigError as error:

@@ -193,6 +193,18 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/registry": {
+                "get": {
+                    "summary": "Every registered instance and the store revision this replica "
+                    "reflects (for `discovery check`); ?index=N&wait=… blocks until the "
+                    "revision passes N",
+                    "parameters": long_poll,
+                    "responses": {
+                        "200": {"description": "Revision and instances", "headers": _INDEX},
+                        **_ERRORS,
+                    },
+                }
+            },
             "/v1/networks": {
                 "get": {
                     "summary": "Every network with its node blocks and attachment counts",

@@ -381,6 +381,7 @@ SPEC_PATHS = {
     "/readyz": {"get"},
     "/metrics": {"get"},
     "/openapi.json": {"get"},
+    "/v1/registry": {"get"},
     "/v1/networks": {"get"},
     "/v1/networks/{net}": {"put", "get", "delete"},
     "/v1/networks/{net}/attachments": {"get"},

@@ -331,12 +331,13 @@ class EtcdStore:
         response = await self._call(lambda c: c.kv.Txn(request, **c.call_args))
         return TxnResult(bool(response.succeeded), int(response.header.revision))
 
-    async def load(self, prefix: bytes) -> Snapshot:
-        """Every key under the prefix at one revision, in pages pinned to that revision."""
+    async def load(self, prefix: bytes, at: int = 0) -> Snapshot:
+        """Every key under the prefix at one revision (the current one, or `at`: raises
+        Compacted when it is gone), in pages pinned to that revision."""
         end = _range_end(prefix)
         for _ in range(3):
             items: list[KeyValue] = []
-            start, revision = _range_start(prefix), 0
+            start, revision = _range_start(prefix), at
             try:
                 while True:
                     page = await self._range_page(start, end, revision)
@@ -346,6 +347,8 @@ class EtcdStore:
                         return Snapshot(revision, items)
                     start = bytes(page.kvs[-1].key) + b"\0"
             except _PageCompacted:
+                if at:
+                    raise Compacted(at) from None
                 continue  # compacted between two pages: start again at a newer revision
         raise StoreUnavailable("load: the revision kept being compacted while paging")
 
