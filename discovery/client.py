@@ -364,6 +364,7 @@ class Registration:
         self._path = _instance_path(namespace, service, instance)
         self._healthy_event = asyncio.Event()
         self._closed = False
+        self._sent = False  # a register call went out (it may have landed)
 
     async def __aenter__(self) -> Registration:
         await self.start()
@@ -386,6 +387,9 @@ class Registration:
                 await self._register()
             except Unavailable as error:
                 self._unhealthy(error)
+            except asyncio.CancelledError:
+                await self.stop()  # the register call may have landed: take it back
+                raise
         self._task = asyncio.create_task(self._keep(), name=f"registration {self._path}")
 
     async def stop(self, *, deregister: bool = True) -> None:
@@ -398,7 +402,7 @@ class Registration:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if deregister and self.registrations:
+        if deregister and (self.registrations or self._sent):
             try:
                 await self.client.request("DELETE", self._path, timeout=min(5.0, self.interval))
             except DiscoveryError as error:
@@ -413,6 +417,7 @@ class Registration:
             await self._healthy_event.wait()
 
     async def _register(self) -> None:
+        self._sent = True
         status, data, _ = await self.client.request("PUT", self._path, json=self.body)
         if status not in (200, 201):
             raise Unavailable(f"register answered {status}")

@@ -291,10 +291,12 @@ class Sidecar:
     async def _register(self) -> None:
         if self.registration is not None:
             return
-        registration = self._new_registration()
+        # kept before it starts: a stop during the first register call still deregisters
+        registration = self.registration = self._new_registration()
         try:
             await registration.start()
         except Refused as error:
+            self.registration = None
             self.refused = error
             log.error("the server refuses the registration: %s", error)
             self._stop.set()

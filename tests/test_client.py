@@ -171,6 +171,8 @@ class Front:
     def __init__(self, target: str) -> None:
         self.target = target
         self.failing = False
+        self.hold_answers: asyncio.Event | None = None  # set: answers wait for it
+        self.forwarded = asyncio.Event()
         self.seen: collections.Counter[str] = collections.Counter()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -190,11 +192,13 @@ class Front:
             headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
         ) as upstream:  # fmt: skip
             body = await upstream.read()
-            headers = {k: v for k, v in upstream.headers.items() if k in ("X-Discovery-Index",)}
-            return web.Response(
-                body=body, status=upstream.status, headers=headers,
-                content_type=upstream.content_type,
-            )  # fmt: skip
+        self.forwarded.set()
+        if self.hold_answers is not None:
+            await self.hold_answers.wait()
+        headers = {k: v for k, v in upstream.headers.items() if k in ("X-Discovery-Index",)}
+        return web.Response(
+            body=body, status=upstream.status, headers=headers, content_type=upstream.content_type
+        )
 
     async def __aenter__(self) -> Front:
         self._session = aiohttp.ClientSession()
@@ -229,6 +233,26 @@ async def test_503_backs_off_and_keeps_the_lease(server: Server) -> None:
             assert front.seen["PUT 503"] == 0, "no re-register while the lease lived"
             assert front.seen["heartbeat 503"] < 60
             assert live(server, "web-6")
+
+
+async def test_cancelled_while_the_first_register_call_is_in_flight(server: Server) -> None:
+    """The server took the registration but the answer never came back: cancelling the task
+    that enters the registration still takes it back."""
+    async with Front(url(server)) as front, DiscoveryClient(front.url) as client:
+        front.hold_answers = asyncio.Event()
+
+        async def service() -> None:
+            async with client.registration(NS, SVC, "web-9", address="10.1.2.9", ttl=30):
+                pytest.fail("the answer was held back: never entered")
+
+        task = asyncio.create_task(service())
+        await front.forwarded.wait()
+        assert live(server, "web-9"), "the server has it, the client does not know yet"
+        task.cancel()
+        front.hold_answers.set()  # the DELETE goes through
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not live(server, "web-9")
 
 
 async def test_fails_over_to_the_next_url(server: Server) -> None:
