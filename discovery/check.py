@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import ConfigError
+from .config import ConfigError, HostPort
 from .model import InstanceKey, decode_registration, instances_prefix
 from .store.base import Compacted, Snapshot, StoreError
 from .store.etcd import EtcdStore
@@ -220,9 +220,14 @@ def _value(args: argparse.Namespace, environ: Mapping[str, str], flag: str) -> A
     return value
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .cli import _endpoint, _split
+def _etcd_endpoint(url: str) -> HostPort:
+    url = url.strip()
+    for scheme in ("http://", "https://"):
+        url = url.removeprefix(scheme)
+    return HostPort.parse(url.rstrip("/"), default_port=2379)
 
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     environ = dict(os.environ)
 
     def get(flag: str) -> Any:
@@ -239,7 +244,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--replica {replica!r}: must start with http:// or https://")
     try:
         wait = float(get("--wait"))
-        endpoints = [_endpoint(url) for url in _split(get("--etcd"))]
+        endpoints = [_etcd_endpoint(url) for url in get("--etcd").split(",") if url.strip()]
     except (ValueError, ConfigError) as error:
         parser.error(str(error))
     try:
