@@ -4,9 +4,11 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_TEST := etcd-server bind9-dnsutils
 APT_BENCH := dnsperf dnsmasq-base etcd-server
+APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl
+IMAGE ?= localhost/discovery:dev
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-deps bench bench-deps lint
+.PHONY: help run test test-deps bench bench-deps lint image image-deps test-image
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,3 +49,14 @@ bench-deps: $(VENV)/.installed ## install what the benchmarks need (dnsperf, dns
 
 bench: bench-deps ## queries/s against dnsmasq (docs/benchmarks.md)
 	$(PY) bench/dnsperf_compare.py
+
+image-deps: ## install podman, runc, mmdebstrap, podman-compose (apt)
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v podman-compose >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_IMAGE); }
+
+image: image-deps ## build the container image with podman (a local Debian base when none exists)
+	deploy/build-image.sh $(IMAGE)
+
+test-image: image-deps $(VENV)/.installed ## build and run the image, bring deploy/compose.yaml up (slow)
+	DISCOVERY_IMAGE_TESTS=1 $(PY) -m pytest -p no:cacheprovider -v tests/test_image.py
