@@ -41,6 +41,19 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
+        self.cni_commands = Counter(
+            "discovery_cni_commands",
+            "CNI commands served on the CNI socket by command and CNI result code (0: success)",
+            ["command", "code"],
+            registry=self.registry,
+        )
+        self.cni_latency = Histogram(
+            "discovery_cni_command_seconds",
+            "Time the CNI agent took per command (the plugin's own start-up not included)",
+            ["command"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 45.0),
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "discovery_store_errors",
             "Store calls from the HTTP API that failed because the store was unreachable",

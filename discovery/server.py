@@ -220,7 +220,7 @@ class Server:
             return
         from .net.agent import CniAgent  # pyroute2: only when this node plumbs containers
 
-        agent = CniAgent(self.ipam, self.config.zones[0])
+        agent = CniAgent(self.ipam, self.config.zones[0], self.metrics)
         try:
             await agent.start(self._sockets.cni)
         except BaseException:

@@ -110,7 +110,8 @@ def socket_in(
 def http_in(
     name: str, address: tuple[str, int], method: str, path: str, body: Any = None
 ) -> tuple[int, Any]:
-    """One HTTP call from inside namespace `name`: status and decoded JSON (or None)."""
+    """One HTTP call from inside namespace `name`: status and decoded JSON (None when empty;
+    the text when the answer is not JSON)."""
     sock = socket_in(name)
     sock.settimeout(10)
     connection = http.client.HTTPConnection(*address, timeout=10)
@@ -121,6 +122,8 @@ def http_in(
         connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         raw = response.read()
+        if "json" not in response.getheader("Content-Type", ""):
+            return response.status, raw.decode()  # /metrics
         return response.status, json.loads(raw) if raw else None
     finally:
         connection.close()

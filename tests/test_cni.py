@@ -417,6 +417,15 @@ async def test_add_twice_leaves_the_first_attachment_working(node: Node) -> None
         assert (await delete(node, c1)) == (0, None)
         assert (await delete(node, c1)) == (0, None)
         assert [a["container_id"] for a in await attachments(node)] == [f"{c2}-id"]
+        status, text = await node.api("GET", "/metrics")
+        assert status == 200
+        for sample in (
+            'discovery_cni_commands_total{code="0",command="ADD"} 2.0',
+            'discovery_cni_commands_total{code="101",command="ADD"} 1.0',
+            'discovery_cni_commands_total{code="0",command="DEL"} 2.0',
+            'discovery_cni_command_seconds_count{command="ADD"} 3.0',
+        ):
+            assert sample in text.splitlines(), sample
 
 
 async def test_del_after_the_netns_is_gone(node: Node) -> None:

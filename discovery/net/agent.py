@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from ..metrics import Metrics
 from ..store.base import StoreError
 from . import cni
 from .ipam import Ipam, IpamError
@@ -73,8 +75,9 @@ def _data_plane_error(error: DataPlaneError | OSError) -> cni.CniError:
 class CniAgent:
     """Serves the CNI commands of this node on a Unix socket."""
 
-    def __init__(self, ipam: Ipam, zone: str) -> None:
+    def __init__(self, ipam: Ipam, zone: str, metrics: Metrics | None = None) -> None:
         self.ipam = ipam
+        self.metrics = metrics
         self.registry = ipam.registry
         self.zone = zone
         self.netlink = Netlink()
@@ -111,6 +114,17 @@ class CniAgent:
     # HTTP
 
     async def _handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response, code = await self._answer(request)
+        if self.metrics is not None:
+            command = request.match_info["command"]
+            command = command if command in cni.COMMANDS else "other"
+            self.metrics.cni_commands.labels(command, str(code)).inc()
+            self.metrics.cni_latency.labels(command).observe(time.perf_counter() - started)
+        return response
+
+    async def _answer(self, request: web.Request) -> tuple[web.Response, int]:
+        """The answer and its CNI code (0: success)."""
         version = cni.LATEST
         try:
             try:
@@ -127,15 +141,16 @@ class CniAgent:
             async with asyncio.timeout(DEADLINE):
                 result = await self._dispatch(req)
         except cni.CniError as error:
-            return web.json_response(error.to_json(version), status=_http_status(error.code))
+            status = _http_status(error.code)
+            return web.json_response(error.to_json(version), status=status), error.code
         except TimeoutError:
             late = cni.CniError(
                 cni.TRY_AGAIN_LATER, f"the command did not finish within {DEADLINE:.0f} s"
             )
-            return web.json_response(late.to_json(version), status=503)
+            return web.json_response(late.to_json(version), status=503), late.code
         if result is None:
-            return web.Response(status=204)
-        return web.json_response(result)
+            return web.Response(status=204), 0
+        return web.json_response(result), 0
 
     async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any] | None:
         command = req["command"]
