@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_TEST := etcd-server bind9-dnsutils
+APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2 dnsmasq-base util-linux libc-bin
 APT_BENCH := dnsperf dnsmasq-base etcd-server
 APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl
 IMAGE ?= localhost/discovery:dev
@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.runtime ## start the server: DNS 127.0.0.1:8053, HTTP 127.0.0.1:8080, embedded store
 	$(VENV)/bin/discovery serve
 
-test-deps: ## install etcd-server and dig (apt)
-	@command -v etcd >/dev/null && command -v dig >/dev/null || { \
-	  $(SUDO) apt-get update -qq && \
+test-deps: ## install what the tests use (apt): etcd, dig, ping, ip, dnsmasq, setpriv
+	@for tool in etcd dig ping ip bridge getent setpriv; do command -v $$tool >/dev/null || missing=1; done; \
+	{ command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || missing=1; \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST); }
 
 test: test-deps $(VENV)/.installed ## run the whole test suite (not the image tests)

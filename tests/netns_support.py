@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import etcd_support
-import pytest
+from needs import unavailable
 from test_cli import Process, clean_env
 
 NETNS_DIR = Path("/var/run/netns")
@@ -39,9 +39,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def require_netns() -> None:
     """Skip unless this process may make network namespaces (root, iproute2)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces, bridges and veth pairs")
+        unavailable("needs root: creates network namespaces, bridges and veth pairs")
     if shutil.which("ip") is None:
-        pytest.skip("needs iproute2 (`ip`) to set up network namespaces")
+        unavailable("needs iproute2 (`ip`) to set up network namespaces")
 
 
 def unique(prefix: str) -> str:

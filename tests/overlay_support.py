@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import unavailable
 from waiting import eventually
 
 UNDERLAY = "192.168.77"  # /24 on the underlay bridge; it only exists inside the test's namespaces
@@ -29,10 +30,10 @@ NETNS_ETC = Path("/etc/netns")
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces, bridges and VXLAN devices")
+        unavailable("needs root: creates network namespaces, bridges and VXLAN devices")
     for tool in ("ip", "bridge"):
         if shutil.which(tool) is None:
-            pytest.skip(f"needs `{tool}` (iproute2) to build and inspect the test network")
+            unavailable(f"needs `{tool}` (iproute2) to build and inspect the test network")
 
 
 def ip(*args: str, check: bool = True) -> str:

@@ -14,17 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import unavailable
 from upstream_support import dnsmasq_binary
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("getent") is None,
-    reason="needs root, iproute2 and getent (network namespaces)",
-)
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh namespace with loopback up and /etc/netns/NAME/resolv.conf naming 127.0.0.1."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("getent") is None:
+        unavailable("needs root, iproute2 and getent (network namespaces)")
     name = f"dsc-fw-{secrets.token_hex(4)}"
     conf_dir = Path("/etc/netns") / name
     subprocess.run(["ip", "netns", "add", name], check=True)

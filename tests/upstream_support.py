@@ -20,6 +20,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from needs import unavailable
 
 ZONE = "example.test."
 SOA_TEXT = "ns.example.test. hostmaster.example.test. 1 7200 1800 86400 {minimum}"
@@ -193,9 +194,8 @@ def free_udp_port() -> int:
 
 def dnsmasq_binary() -> str:
     """dnsmasq's path (often /usr/sbin, outside a user's PATH), or skip the test."""
-    import pytest
 
     found = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
     if found is None or not os.access(found, os.X_OK):
-        pytest.skip("dnsmasq is not installed (apt-get install dnsmasq-base)")
+        unavailable("dnsmasq is not installed (apt-get install dnsmasq-base)")
     return found
