@@ -11,6 +11,26 @@ from .net.records import AttachmentRequest, NetworkSpec
 _LABEL = {"type": "string", "pattern": LABEL_RE.pattern, "maxLength": 63}
 
 
+# One node's block as GET /v1/networks/{net} shows it
+_BLOCK = {
+    "type": "object",
+    "properties": {
+        "subnet": {"type": "string", "description": "the block, CIDR"},
+        "node": {"type": "string"},
+        "node_ip": {"type": "string", "description": "the node's underlay address"},
+        "vtep_mac": {"type": "string", "description": "the node's VXLAN device MAC"},
+        "attachments": {"type": "integer"},
+        "free": {"type": "integer"},
+        "mine": {"type": "boolean", "description": "the block of the node answering"},
+        "programmed": {
+            "type": "boolean",
+            "description": "with --overlay: another node's block has its route, neighbour and "
+            "FDB entry in this node's kernel; this node's block is on its VXLAN device",
+        },
+    },
+}
+
+
 def _param(name: str, where: str = "path", schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": where, "required": where == "path", "schema": schema or _LABEL}
 
@@ -53,7 +73,7 @@ def openapi_document() -> dict[str, Any]:
                 "properties": {
                     "name": _LABEL,
                     "attachments": {"type": "integer"},
-                    "blocks": {"type": "array", "items": {"type": "object"}},
+                    "blocks": {"type": "array", "items": _BLOCK},
                 },
             },
         ]
