@@ -222,6 +222,10 @@ class Dataplane:
             self._loop.close()
             self._loop = None
 
+    def reopen(self) -> None:
+        self.close()
+        self.open()
+
     def apply(self, plans: Mapping[str, NetworkPlan]) -> Outcome:
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -456,7 +460,6 @@ class Overlay:
         self._rejected: set[Rejection] = set()
         self._failing: set[tuple[str, str, str]] = set()
         self._dirty = asyncio.Event()
-        self._passed = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -510,15 +513,6 @@ class Overlay:
     def peers(self) -> int:
         return sum(len(cidrs) for cidrs in self.programmed.values())
 
-    async def wait_pass(self, timeout: float) -> bool:
-        """Wait for the next finished pass (tests, benchmarks)."""
-        self._passed.clear()
-        try:
-            await asyncio.wait_for(self._passed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     async def _run(self) -> None:
         registry = self.registry
         await registry.wait(lambda: registry.synced, 365 * 86400)
@@ -542,17 +536,19 @@ class Overlay:
             try:
                 outcome: Outcome = await self._in_thread(self.dataplane.apply, plans)
             except Exception:
-                # a bug or a netlink socket gone bad: count it, keep DNS and the watch running
+                # a bug or a netlink socket gone bad: count it, start over on a new socket,
+                # and keep DNS and the watch running
                 log.exception("overlay: a programming pass failed")
                 self.errors["netlink"] += 1
                 self._applied = None
                 await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    await self._in_thread(self.dataplane.reopen)
                 self._dirty.set()
                 continue
             self._record(outcome)
             self._applied_plans = plans
             self._applied = None if outcome.errors or not self.program else plans
-            self._passed.set()
 
     def _report(self, rejected: list[Rejection]) -> None:
         """Count and log each skipped block once (again only if it goes and comes back)."""
