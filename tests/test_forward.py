@@ -471,3 +471,35 @@ async def test_an_upstream_that_is_this_server_is_dropped_or_refused() -> None:
         forwarder = Forwarder([("127.0.0.1", port), ("192.0.2.53", port)])
         forwarder.exclude_self("0.0.0.0", port)  # a wildcard listener is reached on loopback
         assert [u.label for u in forwarder.upstreams] == [f"192.0.2.53:{port}"]
+
+
+async def test_identical_questions_in_flight_share_one_upstream_query() -> None:
+    async with scripted_upstream(RECORDS, delay=0.5) as upstream:
+        async with forwarding(upstream.address) as client:
+            answers = await asyncio.gather(*(ask(client, NAME) for _ in range(5)))
+            assert all(addresses(a) == ["192.0.2.10"] for a in answers)
+            assert upstream.udp_queries == 1
+
+
+async def test_tcp_answers_a_fast_query_while_a_forwarded_one_waits() -> None:
+    """RFC 7766 6.2.1.1: pipelined queries on one connection, answered as they are ready."""
+    async with scripted_upstream(RECORDS, delay=1.0) as upstream:
+        async with forwarding(upstream.address) as client:
+            await client.register("default", "web", "web-1", address="10.1.2.3")
+            slow = dns.message.make_query(NAME, "A", id=1)
+            fast = dns.message.make_query("web.default.svc.cluster.local.", "A", id=2)
+            reader, writer = await asyncio.open_connection(*client.dns)
+            try:
+                for message in (slow, fast):
+                    wire = message.to_wire()
+                    writer.write(len(wire).to_bytes(2, "big") + wire)
+                await writer.drain()
+                order = []
+                async with asyncio.timeout(10):
+                    for _ in range(2):
+                        size = int.from_bytes(await reader.readexactly(2), "big")
+                        response = dns.message.from_wire(await reader.readexactly(size))
+                        order.append((response.id, addresses(response)))
+            finally:
+                writer.close()
+            assert order == [(2, ["10.1.2.3"]), (1, ["192.0.2.10"])]
