@@ -127,8 +127,11 @@ class DiscoveryClient:
         *,
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        connections: int = 64,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """`connections`: the most connections open to one server at once (a call waits for
+        one, and the wait counts against its timeout)."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one server URL is needed")
@@ -137,10 +140,12 @@ class DiscoveryClient:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r}: a server URL starts with http:// or https://")
         self.timeout = timeout
+        self.connections = connections
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = session
         self._own_session = session is None
         self._current = 0  # the URL that answered last
+        self.closed = False
 
     async def __aenter__(self) -> DiscoveryClient:
         return self
@@ -149,6 +154,9 @@ class DiscoveryClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the connections; registrations still open stop heartbeating (their leases
+        expire: stop them first to deregister)."""
+        self.closed = True
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -161,7 +169,9 @@ class DiscoveryClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             # one connection pool for every registration of this process
-            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64)
+            connector = aiohttp.TCPConnector(
+                limit=max(256, self.connections), limit_per_host=self.connections
+            )
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session
 
@@ -178,6 +188,8 @@ class DiscoveryClient:
 
         Raises Unavailable when no server answered and Refused for a 4xx other than 404 (the
         callers decide what a 404 means)."""
+        if self.closed:
+            raise DiscoveryError("the client is closed")
         session = self._http()
         limit = aiohttp.ClientTimeout(total=timeout or self.timeout)
         errors = []
@@ -193,8 +205,14 @@ class DiscoveryClient:
                     status = response.status
                     headers = response.headers
             except (aiohttp.ClientError, TimeoutError, OSError) as error:
+                if self.closed:
+                    raise DiscoveryError("the client is closed") from None
                 errors.append(f"{self.urls[index]}: {_describe(error)}")
                 continue
+            except RuntimeError:
+                if self.closed:  # closed under a call in flight
+                    raise DiscoveryError("the client is closed") from None
+                raise
             body: Any = None
             if raw:
                 try:
@@ -475,6 +493,11 @@ class Registration:
                 # the server refuses what it took before (e.g. new limits): keep trying
                 self._unhealthy(error)
                 continue
+            except DiscoveryError as error:
+                if self.client.closed:
+                    self._unhealthy(error)
+                    return
+                raise
             attempt = 0
             last_ok = loop.time()
 

@@ -19,6 +19,7 @@ from waiting import eventually
 
 from discovery.client import (
     DiscoveryClient,
+    DiscoveryError,
     Instance,
     Refused,
     SyncClient,
@@ -434,3 +435,19 @@ async def _until(queue: asyncio.Queue[list[str]], wanted: list[str]) -> bool:
     while (await queue.get()) != wanted:
         pass
     return True
+
+
+async def test_closing_the_client_under_open_registrations_ends_them_quietly(
+    server: Server,
+) -> None:
+    client = DiscoveryClient(url(server))
+    reg = client.registration(NS, SVC, "web-10", address="10.1.2.10", ttl=2)
+    await reg.start()
+    task = reg._task
+    assert task is not None
+    await client.close()
+    await asyncio.wait_for(asyncio.shield(task), 10)  # the next heartbeat finds it closed
+    assert task.exception() is None and not reg.healthy
+    with pytest.raises(DiscoveryError, match="closed"):
+        await client.instances(NS, SVC)
+    await reg.stop()  # nothing left to do, no error
