@@ -10,12 +10,12 @@
 #
 # Namespaces: demo-ul (bridge br0), demo-infra (etcd, 192.168.100.100), demo-a
 # (192.168.100.1), demo-b (192.168.100.2), containers demo-a1 and demo-b1. Logs and pid
-# files in $DEMO_DIR (default /tmp/discovery-overlay-demo). DISCOVERY names the server
+# files in $DEMO_DIR (default /tmp/discovery-overlay-demo), namespaces named $DEMO_PREFIX-* (demo). DISCOVERY names the server
 # command (default: `discovery` on PATH, else .venv/bin/discovery of this checkout); the
 # containers are plumbed by the `discovery-cni` next to it, through each node's CNI socket.
 set -euo pipefail
 
-P=demo
+P=${DEMO_PREFIX:-demo}   # namespaces and /etc/netns entries are named $P-*
 UNDERLAY=192.168.100
 ETCD=http://$UNDERLAY.100:2379
 TTL=${TTL:-10}

@@ -690,10 +690,10 @@ async def test_the_readme_wires_two_containers_as_written(tmp_path: Path) -> Non
     sock = str(tmp_path / "cni.sock")
     c1, c2 = unique("c1"), unique("c2")
     script = readme_walkthrough()
-    serve, server = "discovery serve --dns 0.0.0.0:8053", '"server": "http://127.0.0.1:8080"'
+    readme_sock = "/run/discovery/node1.sock"
     replacements = [
-        (f"{serve} &", f"{serve} --cni-socket {sock} &"),
-        (f"{server}}}", f'{server}, "socket": "{sock}"}}'),
+        (f"--cni-socket {readme_sock} &", f"--cni-socket {sock} &"),
+        (f'"socket": "{readme_sock}"}}', f'"socket": "{sock}"}}'),
     ]
     for old, new in replacements:
         assert script.count(old) == 1, old
