@@ -29,7 +29,8 @@ from typing import Any
 
 import etcd_support
 from needs import unavailable
-from test_cli import Process, clean_env
+from test_cli import Process, clean_env, run
+from waiting import eventually
 
 NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -130,27 +131,6 @@ def http_in(
         sock.close()
 
 
-async def run(
-    *cmd: str, stdin: bytes = b"", env: dict[str, str] | None = None, timeout: float = 60
-) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def plugin_command() -> list[str]:
     """The installed `discovery-cni` next to this interpreter, as a runtime finds it."""
     script = Path(sys.executable).parent / "discovery-cni"
@@ -213,12 +193,15 @@ class Node:
 
     async def network(self, name: str = "pods", **spec: Any) -> dict[str, Any]:
         body = {"subnet": "10.244.0.0/16", "node_prefix": 24, **spec}
-        async with asyncio.timeout(20):
-            while True:
-                status, data = await self.api("PUT", f"/v1/networks/{name}", body)
-                if status != 503:  # still loading
-                    break
-                await asyncio.sleep(0.05)
+        answer: tuple[int, Any] = (0, None)
+
+        async def answered() -> bool:
+            nonlocal answer
+            answer = await self.api("PUT", f"/v1/networks/{name}", body)
+            return answer[0] != 503  # 503 while the node is still loading
+
+        await eventually(answered, f"network {name} created", within=20)
+        status, data = answer
         assert status in (200, 201), data
         return data  # type: ignore[no-any-return]
 

@@ -94,24 +94,31 @@ async def serve(*args: str, **env: str) -> AsyncIterator[Process]:
             await process.drain
 
 
-async def run_to_exit(*args: str, **env: str) -> tuple[int, str, str]:
-    """Run `python -m discovery ARGS` to completion: exit code, stdout, stderr."""
+async def run(
+    *cmd: str, stdin: bytes = b"", env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """Run a command to completion, killed after `timeout`: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "discovery", *args,
-        stdin=asyncio.subprocess.DEVNULL,
+        *cmd,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_env(**env),
-    )  # fmt: skip
+        env=env,
+    )
     try:
-        async with asyncio.timeout(20):
-            stdout, stderr = await proc.communicate()
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def run_to_exit(*args: str, **env: str) -> tuple[int, str, str]:
+    """Run `python -m discovery ARGS` to completion: exit code, stdout, stderr."""
+    return await run(sys.executable, "-m", "discovery", *args, env=clean_env(**env), timeout=20)
 
 
 async def register(http: tuple[str, int], ns: str, svc: str, inst: str, **body: object) -> None:
