@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import ConfigError, HostPort
+from .config import ConfigError, HostPort, env_name
 from .model import InstanceKey, decode_registration, instances_prefix
 from .store.base import Compacted, Snapshot, StoreError
 from .store.etcd import EtcdStore
@@ -43,10 +43,6 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--wait", "10", "seconds a replica may take to reach etcd's revision"),
     ("--token", None, "bearer token for the replicas' API"),
 ]
-
-
-def env_name(flag: str) -> str:
-    return "DISCOVERY_" + flag.lstrip("-").upper().replace("-", "_")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:

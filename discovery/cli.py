@@ -14,16 +14,12 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Config, ConfigError, HostPort, normalize_zone, parse_upstreams
+from .config import Config, ConfigError, HostPort, env_name, normalize_zone, parse_upstreams
 from .server import Server
 from .workers import Supervisor
 
 log = logging.getLogger("discovery")
 DEFAULT_CNI_SOCKET = "/run/discovery/cni.sock"  # = discovery.net.cni.DEFAULT_SOCKET
-
-
-def _env_name(flag: str) -> str:
-    return "DISCOVERY_" + flag.lstrip("-").upper().replace("-", "_")
 
 
 def _split(text: str) -> list[str]:
@@ -136,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, default, text in _OPTIONS:
         more: dict[str, Any] = {"action": "store_const", "const": "1"} if flag in _FLAGS else {}
         serve.add_argument(
-            flag, default=None, help=f"{text} [{_env_name(flag)}; default {default}]", **more
+            flag, default=None, help=f"{text} [{env_name(flag)}; default {default}]", **more
         )
     serve.add_argument(
         "--zone",
@@ -157,7 +153,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         attr = flag.lstrip("-").replace("-", "_")
         raw = getattr(args, attr)
         if raw is None:
-            raw = environ.get(_env_name(flag))
+            raw = environ.get(env_name(flag))
         if raw is None:
             values[attr] = default
             continue

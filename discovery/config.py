@@ -22,6 +22,11 @@ LISTEN_BACKLOG = 1024
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def env_name(flag: str) -> str:
+    """The environment variable of a command-line flag: --dns-ttl -> DISCOVERY_DNS_TTL."""
+    return "DISCOVERY_" + flag.lstrip("-").upper().replace("-", "_")
+
+
 class ConfigError(ValueError):
     """An option has a value the server cannot run with."""
 
@@ -263,7 +268,7 @@ def _naming_the_option(flag: str, address: HostPort) -> Iterator[None]:
         if not isinstance(cause, OSError):
             cause = error
         problem = _BIND_PROBLEMS.get(cause.errno or 0, cause.strerror or str(cause))
-        variable = "DISCOVERY_" + flag[2:].upper()
+        variable = env_name(flag)
         raise OSError(
             f"{flag} {address}: {problem}; choose another address with {flag} HOST:PORT"
             f" or {variable}"

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .client import DiscoveryClient, Port, Refused, Registration, Unavailable
+from .config import env_name
 from .model import is_label, txt_problems
 
 log = logging.getLogger("discovery.register")
@@ -129,10 +130,6 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--log-level", "info", "debug, info, warning or error"),
 ]
 _REPEATED = {"--server", "--port", "--tag", "--metadata"}
-
-
-def env_name(flag: str) -> str:
-    return "DISCOVERY_" + flag.lstrip("-").upper().replace("-", "_")
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
