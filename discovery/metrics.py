@@ -54,6 +54,13 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 45.0),
             registry=self.registry,
         )
+        self.http_refused = Counter(
+            "discovery_http_refused",
+            "HTTP requests refused before they reached the registry, by reason "
+            "(a limit's name, or unauthenticated, forbidden, host)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "discovery_store_errors",
             "Store calls from the HTTP API that failed because the store was unreachable",
