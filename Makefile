@@ -8,7 +8,7 @@ APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl
 IMAGE ?= localhost/discovery:dev
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-deps bench bench-deps lint image image-deps test-image
+.PHONY: help run test test-deps bench bench-deps lint image image-deps test-image soak
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,9 @@ bench-deps: $(VENV)/.installed ## install what the benchmarks need (dnsperf, dns
 
 bench: bench-deps ## queries/s against dnsmasq (docs/benchmarks.md)
 	$(PY) bench/dnsperf_compare.py
+
+soak: bench-deps ## 10 minutes of churn on two replicas over etcd, etcd restarted and compacted (docs/soak.md)
+	$(PY) bench/soak.py
 
 image-deps: ## install podman, runc, mmdebstrap, podman-compose (apt)
 	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v podman-compose >/dev/null || { \
