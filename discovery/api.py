@@ -347,8 +347,8 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
     index = None
     wait = DEFAULT_WAIT
     if index_text is not None:
-        if re.fullmatch(r"[0-9]{1,20}", index_text) is None:
-            errors.append({"field": "index", "message": "must be a non-negative integer"})
+        if re.fullmatch(r"[0-9]{1,19}", index_text) is None or int(index_text) >= 2**63:
+            errors.append({"field": "index", "message": "must be an integer from 0 to 2^63-1"})
         else:
             index = int(index_text)
     if wait_text is not None:

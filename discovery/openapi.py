@@ -6,7 +6,7 @@ from functools import cache
 from typing import Any
 
 from .model import LABEL_RE, Registration
-from .net.records import AttachmentRequest, NetworkSpec
+from .net.records import CONTAINER_ID_RE, IFNAME_RE, AttachmentRequest, NetworkSpec
 
 _LABEL = {"type": "string", "pattern": LABEL_RE.pattern, "maxLength": 63}
 
@@ -33,6 +33,17 @@ _BLOCK = {
 
 def _param(name: str, where: str = "path", schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": where, "required": where == "path", "schema": schema or _LABEL}
+
+
+def _link(operation: str, params: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "operationId": operation,
+        "parameters": {name: f"$request.path.{name}" for name in params},
+    }
+
+
+def _links(operations: tuple[str, ...], params: tuple[str, ...]) -> dict[str, Any]:
+    return {operation: _link(operation, params) for operation in operations}
 
 
 def _json(ref: str) -> dict[str, Any]:
@@ -65,18 +76,21 @@ def openapi_document() -> dict[str, Any]:
     )
     for schema in (network_spec, attachment_request):
         defs.update(schema.pop("$defs", {}))
+    # what the validators check beyond the types pydantic describes
+    registration["properties"]["address"]["anyOf"] = [{"format": "ipv4"}, {"format": "ipv6"}]
+    registration["properties"]["address"]["examples"] = ["10.1.2.3", "fd00::1:2"]
+    network_spec["properties"]["subnet"]["pattern"] = r"^[0-9A-Fa-f.:]+/[0-9]{1,3}$"
+    network_spec["properties"]["subnet"]["examples"] = ["10.244.0.0/16"]
+    # a network as stored: the spec's fields (no longer closed to others), its name and state
     network = {
-        "allOf": [
-            {"$ref": "#/components/schemas/NetworkSpec"},
-            {
-                "type": "object",
-                "properties": {
-                    "name": _LABEL,
-                    "attachments": {"type": "integer"},
-                    "blocks": {"type": "array", "items": _BLOCK},
-                },
-            },
-        ]
+        "type": "object",
+        "properties": {
+            **network_spec["properties"],
+            "name": _LABEL,
+            "attachments": {"type": "integer"},
+            "blocks": {"type": "array", "items": _BLOCK},
+        },
+        "required": ["name", "subnet"],
     }
     route = {
         "type": "object",
@@ -109,19 +123,17 @@ def openapi_document() -> dict[str, Any]:
             "expires_at": {"type": "string", "format": "date-time"},
         },
     }
+    # the stored instance: the registration's fields (no longer closed to others) and its names
     instance = {
-        "allOf": [
-            {"$ref": "#/components/schemas/Registration"},
-            {
-                "type": "object",
-                "properties": {
-                    "namespace": _LABEL,
-                    "service": _LABEL,
-                    "name": _LABEL,
-                    "lease": {"$ref": "#/components/schemas/Lease"},
-                },
-            },
-        ]
+        "type": "object",
+        "properties": {
+            **registration["properties"],
+            "namespace": _LABEL,
+            "service": _LABEL,
+            "name": _LABEL,
+            "lease": {"$ref": "#/components/schemas/Lease"},
+        },
+        "required": ["namespace", "service", "name", "address", "lease"],
     }
     problem = {
         "type": "object",
@@ -140,17 +152,29 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     long_poll = [
-        _param("index", "query", {"type": "integer", "minimum": 0}),
-        _param("wait", "query", {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)?$"}),
+        _param("index", "query", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+        _param(
+            "wait",
+            "query",
+            {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9})?(ms|s|m|h)?$"},
+        ),
     ]
     instance_path = "/v1/services/{ns}/{svc}/instances/{inst}"
     network_path = "/v1/networks/{net}"
     attachment_path = network_path + "/attachments/{container_id}/{ifname}"
     attachment_params = [
         _param("net"),
-        _param("container_id", schema={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,255}$"}),
-        _param("ifname", schema={"type": "string", "minLength": 1, "maxLength": 15}),
+        _param("container_id", schema={"type": "string", "pattern": CONTAINER_ID_RE.pattern}),
+        _param(
+            "ifname",
+            schema={"type": "string", "pattern": IFNAME_RE.pattern},
+        ),
     ]
+    # OpenAPI links: what a created resource lets a client call next (stateful testing follows them)
+    instance_links = _links(("getInstance", "heartbeat", "deregister"), ("ns", "svc", "inst"))
+    instance_links["getService"] = _link("getService", ("ns", "svc"))
+    network_links = _links(("getNetwork", "listAttachments", "deleteNetwork", "attach"), ("net",))
+    attachment_links = _links(("getAttachment", "detach"), ("net", "container_id", "ifname"))
     return {
         "openapi": "3.1.0",  # pydantic emits JSON Schema 2020-12 (propertyNames)
         "info": {"title": "discovery registration API", "version": "1"},
@@ -158,16 +182,26 @@ def openapi_document() -> dict[str, Any]:
             instance_path: {
                 "parameters": instance_params,
                 "put": {
+                    "operationId": "register",
                     "summary": "Register or update an instance with a TTL lease",
                     "requestBody": {"required": True, "content": _json("Registration")},
                     "responses": {
-                        "200": {"description": "Updated", "content": _json("Instance")},
-                        "201": {"description": "Created", "content": _json("Instance")},
+                        "200": {
+                            "description": "Updated",
+                            "content": _json("Instance"),
+                            "links": instance_links,
+                        },
+                        "201": {
+                            "description": "Created",
+                            "content": _json("Instance"),
+                            "links": instance_links,
+                        },
                         "413": _problem("Body over 64 KiB"),
                         **_ERRORS,
                     },
                 },
                 "get": {
+                    "operationId": "getInstance",
                     "summary": "One live instance",
                     "responses": {
                         "200": {"description": "The instance", "content": _json("Instance")},
@@ -176,6 +210,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "delete": {
+                    "operationId": "deregister",
                     "summary": "Deregister now",
                     "responses": {
                         "204": {"description": "Deregistered"},
@@ -187,6 +222,7 @@ def openapi_document() -> dict[str, Any]:
             instance_path + "/heartbeat": {
                 "parameters": instance_params,
                 "put": {
+                    "operationId": "heartbeat",
                     "summary": "Renew the lease",
                     "responses": {
                         "200": {"description": "Renewed", "content": _json("Instance")},
@@ -197,6 +233,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/services": {
                 "get": {
+                    "operationId": "listServices",
                     "summary": "Every service with its instance count",
                     "parameters": long_poll,
                     "responses": {"200": {"description": "Services", "headers": _INDEX}, **_ERRORS},
@@ -205,6 +242,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/services/{ns}/{svc}": {
                 "parameters": [_param("ns"), _param("svc")],
                 "get": {
+                    "operationId": "getService",
                     "summary": "Live instances of a service (long poll with index and wait)",
                     "parameters": [*long_poll, _param("tag", "query", {"type": "string"})],
                     "responses": {
@@ -215,6 +253,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/registry": {
                 "get": {
+                    "operationId": "getRegistry",
                     "summary": "Every registered instance and the store revision this replica "
                     "reflects (for `discovery check`); ?index=N&wait=… blocks until the "
                     "revision passes N",
@@ -227,6 +266,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/networks": {
                 "get": {
+                    "operationId": "listNetworks",
                     "summary": "Every network with its node blocks and attachment counts",
                     "responses": {"200": {"description": "Networks"}, **_ERRORS},
                 }
@@ -234,16 +274,26 @@ def openapi_document() -> dict[str, Any]:
             network_path: {
                 "parameters": [_param("net")],
                 "put": {
+                    "operationId": "putNetwork",
                     "summary": "Create or change a network",
                     "requestBody": {"required": True, "content": _json("NetworkSpec")},
                     "responses": {
-                        "200": {"description": "Changed", "content": _json("Network")},
-                        "201": {"description": "Created", "content": _json("Network")},
+                        "200": {
+                            "description": "Changed",
+                            "content": _json("Network"),
+                            "links": network_links,
+                        },
+                        "201": {
+                            "description": "Created",
+                            "content": _json("Network"),
+                            "links": network_links,
+                        },
                         "409": _problem("subnet or node_prefix changed while attachments exist"),
                         **_ERRORS,
                     },
                 },
                 "get": {
+                    "operationId": "getNetwork",
                     "summary": "A network: config, node blocks, attachment counts",
                     "responses": {
                         "200": {"description": "The network", "content": _json("Network")},
@@ -252,6 +302,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "delete": {
+                    "operationId": "deleteNetwork",
                     "summary": "Delete a network without attachments",
                     "responses": {
                         "204": {"description": "Deleted"},
@@ -264,6 +315,7 @@ def openapi_document() -> dict[str, Any]:
             network_path + "/attachments": {
                 "parameters": [_param("net")],
                 "get": {
+                    "operationId": "listAttachments",
                     "summary": "The network's attachments",
                     "responses": {
                         "200": {"description": "Attachments"},
@@ -275,11 +327,20 @@ def openapi_document() -> dict[str, Any]:
             attachment_path: {
                 "parameters": attachment_params,
                 "put": {
+                    "operationId": "attach",
                     "summary": "Give a container interface an address (idempotent)",
                     "requestBody": {"required": False, "content": _json("AttachmentRequest")},
                     "responses": {
-                        "200": {"description": "Known already", "content": _json("Attachment")},
-                        "201": {"description": "Attached", "content": _json("Attachment")},
+                        "200": {
+                            "description": "Known already",
+                            "content": _json("Attachment"),
+                            "links": attachment_links,
+                        },
+                        "201": {
+                            "description": "Attached",
+                            "content": _json("Attachment"),
+                            "links": attachment_links,
+                        },
                         "404": _problem("Unknown network"),
                         "409": _problem("Name or instance in use"),
                         "507": _problem("No free block or address for this node"),
@@ -287,6 +348,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "get": {
+                    "operationId": "getAttachment",
                     "summary": "One attachment",
                     "responses": {
                         "200": {"description": "The attachment", "content": _json("Attachment")},
@@ -295,6 +357,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "delete": {
+                    "operationId": "detach",
                     "summary": "Release the address (204 also when unknown, as CNI DEL)",
                     "responses": {"204": {"description": "Released"}, **_ERRORS},
                 },
