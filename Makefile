@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2 dnsmasq-base util-linux libc-bin
-APT_BENCH := dnsperf dnsmasq-base etcd-server
+APT_BENCH := dnsperf dnsmasq-base etcd-server knot nsd
 APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl
 IMAGE ?= localhost/discovery:dev
 
@@ -42,13 +42,14 @@ lint: $(VENV)/.installed ## ruff and mypy
 	$(PY) -m ruff check discovery tests bench
 	$(PY) -m mypy discovery
 
-bench-deps: $(VENV)/.installed ## install what the benchmarks need (dnsperf, dnsmasq, matplotlib)
-	@command -v dnsperf >/dev/null && command -v etcd >/dev/null && { command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || { \
+bench-deps: $(VENV)/.installed ## install what the benchmarks need (dnsperf, dnsmasq, NSD, Knot, matplotlib)
+	@command -v dnsperf >/dev/null && command -v etcd >/dev/null && { command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null \
+	  && test -x /usr/sbin/nsd && test -x /usr/sbin/knotd || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_BENCH); }
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
 
-bench: bench-deps ## queries/s against dnsmasq (docs/benchmarks.md)
+bench: bench-deps ## queries/s against NSD, Knot DNS and dnsmasq (docs/benchmarks.md)
 	$(PY) bench/dnsperf_compare.py
 
 soak: bench-deps ## 10 minutes of churn on two replicas over etcd, etcd restarted and compacted (docs/soak.md)

@@ -1,14 +1,16 @@
-"""discovery against dnsmasq (and a bare uvloop echo server as the ceiling) under dnsperf.
+"""discovery against NSD, Knot DNS and dnsmasq (and a bare uvloop echo server as the ceiling)
+under dnsperf.
 
 One command, run from anywhere with the Python that has `discovery` installed:
 
     python bench/dnsperf_compare.py            # full: 3 rounds x 10 s per server and mode
     python bench/dnsperf_compare.py --rounds 1 --duration 2 --fixed-duration 2   # quick look
 
-It needs dnsperf, dnsmasq and matplotlib (`make bench-deps` installs them; the bench itself
-installs nothing and says what is missing), starts the three servers on free 127.0.0.1 ports pinned
-to CPU 1, loads the same 1,000 services into discovery (through its HTTP API) and into dnsmasq
-(hosts file + srv-host lines), checks that both give the same answers to every distinct query of
+It needs dnsperf, dnsmasq, NSD, Knot DNS and matplotlib (`make bench-deps` installs them; the
+bench itself installs nothing and says what is missing), starts the five servers on free 127.0.0.1
+ports pinned to CPU 1 (NSD with one server process, Knot with one UDP worker), loads the same 1,000
+services into discovery (through its HTTP API), into NSD and Knot (one zone file) and into dnsmasq
+(hosts file + srv-host lines), checks that all give the same answers to every distinct query of
 the query file, then runs `taskset -c 0 dnsperf -c 1` against each server in alternation, plain and
 with EDNS, and once at a fixed rate. It prints a table and writes docs/benchmarks.md and
 docs/qps.png. Everything it started is stopped on exit, Ctrl-C or error. Nothing but 127.0.0.1 is
@@ -52,7 +54,14 @@ ZONE_SUFFIX = "default.svc.cluster.local"
 SERVER_CPU = "1"
 CLIENT_CPU = "0"
 DNSMASQ = "dnsmasq"
-SERVERS = ("discovery", DNSMASQ, "uvloop echo")
+NSD = "NSD"
+KNOT = "Knot"
+ECHO = "uvloop echo"
+SERVERS = ("discovery", NSD, KNOT, DNSMASQ, ECHO)
+PEERS = (NSD, KNOT, DNSMASQ)  # the ratio discovery/peer is reported for each
+LABELS = {"discovery": "discovery", NSD: "NSD", KNOT: "Knot DNS", DNSMASQ: "dnsmasq",
+          ECHO: "uvloop echo\n(ceiling)"}  # fmt: skip
+ZONE = "cluster.local"
 MODES = ("plain", "edns")
 
 
@@ -73,13 +82,28 @@ def find_dnsmasq() -> str | None:
     return None
 
 
+def find_sbin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in ("/usr/sbin", "/sbin"):
+        if os.access(f"{directory}/{name}", os.X_OK):
+            return f"{directory}/{name}"
+    return None
+
+
 def ensure_tools() -> str:
-    """dnsperf, dnsmasq (the binary only: dnsmasq-base starts no system service), taskset.
+    """dnsperf, dnsmasq (the binary only: dnsmasq-base starts no system service), nsd, knotd,
+    taskset.
 
     Nothing is installed at run time: `make bench-deps` (or `make bench`) installs them."""
     missing = []
     if shutil.which("dnsperf") is None:
         missing.append("dnsperf")
+    if find_sbin("nsd") is None:
+        missing.append("nsd")
+    if find_sbin("knotd") is None:
+        missing.append("knot")
     dnsmasq = find_dnsmasq()
     if dnsmasq is None:
         missing.append("dnsmasq-base")
@@ -300,9 +324,82 @@ def start_dnsmasq(procs: Procs, work: Path, dnsmasq: str, services: list[Service
     raise SystemExit(f"dnsmasq would not start; see {work / 'dnsmasq.log'}")
 
 
+def write_zone(work: Path, services: list[Service]) -> Path:
+    """One zone file with what discovery answers: A for each service and instance name, SRV for
+    the services with an http port, TTL 5 (discovery's --dns-ttl) and the negative TTL 5."""
+    lines = [
+        f"$ORIGIN {ZONE}.", "$TTL 5",
+        f"@ IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 5",
+        f"@ IN NS ns.{ZONE}.", "ns IN A 127.0.0.1",
+    ]  # fmt: skip
+    suffix = "." + ZONE
+    for s in services:
+        lines.append(f"{s.name.removesuffix(suffix)} IN A {s.address}")
+        lines.append(f"{s.target.removesuffix(suffix)} IN A {s.address}")
+        if s.http:
+            lines.append(f"{s.srv_name.removesuffix(suffix)} IN SRV 0 100 80 {s.target}.")
+    path = work / f"{ZONE}.zone"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _start_peer(procs: Procs, name: str, work: Path, services: list[Service],
+                configure: Any) -> Proc:  # fmt: skip
+    """Start a server whose config `configure(port, directory)` writes; retry on a lost port."""
+    for attempt in range(3):
+        port = free_port()
+        directory = work / f"{name.lower()}-{attempt}"
+        directory.mkdir()
+        argv = configure(port, directory)
+        proc = procs.start(name, _pinned(SERVER_CPU, argv), directory / "out.log", port)
+        if wait_dns(proc, services[0].name):
+            return proc
+        procs.stop(proc)
+    raise SystemExit(f"{name} would not start; see {work}/{name.lower()}-*/out.log")
+
+
+def start_nsd(procs: Procs, work: Path, zone: Path, services: list[Service]) -> Proc:
+    """NSD 4 with one server process, response rate limiting off, its default (not minimal)
+    responses, no database file, everything in its own directory."""
+
+    def configure(port: int, d: Path) -> list[str]:
+        (d / "nsd.conf").write_text(
+            "server:\n"
+            f'  ip-address: {HOST}@{port}\n  server-count: 1\n  username: ""\n'
+            f'  zonesdir: {d}\n  database: ""\n  pidfile: {d}/nsd.pid\n'
+            f"  xfrdfile: {d}/xfrd.state\n  zonelistfile: {d}/zone.list\n  xfrdir: {d}\n"
+            f"  logfile: {d}/nsd.log\n  rrl-ratelimit: 0\n  verbosity: 0\n"
+            "remote-control:\n  control-enable: no\n"
+            f"zone:\n  name: {ZONE}\n  zonefile: {zone}\n"
+        )
+        return [find_sbin("nsd") or "nsd", "-d", "-c", str(d / "nsd.conf")]
+
+    return _start_peer(procs, NSD, work, services, configure)
+
+
+def start_knot(procs: Procs, work: Path, zone: Path, services: list[Service]) -> Proc:
+    """Knot DNS 3 with one UDP worker (and one TCP and one background worker)."""
+
+    def configure(port: int, d: Path) -> list[str]:
+        user = "root:root" if os.geteuid() == 0 else ""
+        (d / "knot.conf").write_text(
+            "server:\n"
+            f"    listen: {HOST}@{port}\n    rundir: {d}\n"
+            + (f"    user: {user}\n" if user else "")
+            + "    udp-workers: 1\n    tcp-workers: 1\n    background-workers: 1\n"
+            f"database:\n    storage: {d}/db\n"
+            f"control:\n    listen: {d}/knot.sock\n"
+            "log:\n  - target: stderr\n    any: warning\n"
+            f"zone:\n  - domain: {ZONE}\n    storage: {zone.parent}\n    file: {zone.name}\n"
+        )
+        return [find_sbin("knotd") or "knotd", "-c", str(d / "knot.conf")]
+
+    return _start_peer(procs, KNOT, work, services, configure)
+
+
 def start_echo(procs: Procs, work: Path) -> Proc:
     argv = [sys.executable, str(BENCH / "echo_server.py"), "0"]
-    proc = procs.start("uvloop echo", _pinned(SERVER_CPU, argv), work / "echo.log", 0)
+    proc = procs.start(ECHO, _pinned(SERVER_CPU, argv), work / "echo.log", 0)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and proc.popen.poll() is None:
         match = re.search(r"PORT (\d+)", proc.log_path.read_text())
@@ -345,7 +442,9 @@ def wait_dns(proc: Proc, name: str, seconds: float = 15) -> bool:
 def summary(reply: Any) -> tuple[Any, ...]:
     """What must match between the servers: rcode, answers and additional records with TTLs,
     and whether an OPT record came back. (The authority section may differ: discovery puts the
-    zone's SOA in NXDOMAIN and NODATA answers, as RFC 2308 asks; dnsmasq sends none.)"""
+    zone's SOA in NXDOMAIN and NODATA answers, as RFC 2308 asks; dnsmasq sends none; NSD adds the
+    zone's NS record to positive answers, and its glue, the address of ns.cluster.local, to the
+    additional section, which is left out here.)"""
     from dnslib import QTYPE, RCODE
 
     def rrs(section: list[Any]) -> tuple[tuple[str, str, int, str], ...]:
@@ -353,7 +452,7 @@ def summary(reply: Any) -> tuple[Any, ...]:
             sorted(
                 (str(rr.rname).lower(), QTYPE.get(rr.rtype), rr.ttl, str(rr.rdata).lower())
                 for rr in section
-                if rr.rtype != QTYPE.OPT
+                if rr.rtype != QTYPE.OPT and str(rr.rname).lower() != f"ns.{ZONE}."
             )
         )
 
@@ -364,8 +463,8 @@ def summary(reply: Any) -> tuple[Any, ...]:
 def check_answers(
     ports: dict[str, int], services: list[Service], queries: list[tuple[str, str]]
 ) -> list[str]:
-    """Every distinct query of the file, plain and with EDNS, against discovery and dnsmasq:
-    the expected data, and the same answer from both. Returns lines for the report."""
+    """Every distinct query of the file, plain and with EDNS, against discovery and its peers:
+    the expected data, and the same answer from all. Returns lines for the report."""
     by_name = {s.name: s for s in services}
     by_srv = {s.srv_name: s for s in services if s.http}
     distinct = sorted(set(queries))
@@ -395,7 +494,7 @@ def check_answers(
     return [
         f"{checked} queries ({len(distinct)} distinct lines of the query file, plain and with "
         "EDNS) gave the expected rcode, answer and additional records (names, TTLs, data) and an "
-        "OPT record exactly when asked, from discovery and from dnsmasq alike.",
+        "OPT record exactly when asked, from " + ", ".join(ports) + " alike.",
     ]
 
 
@@ -499,6 +598,27 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU time of a process and of its live children (NSD answers from a forked child)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += _proc_cpu(current)
+        except (OSError, ValueError, IndexError):
+            continue
+        todo += children.get(current, [])
+    return total
+
+
 def _cpu_busy(cpu: str) -> float:
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
@@ -515,11 +635,11 @@ def measure(
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return usage.ru_utime + usage.ru_stime
 
-    cpu0, busy0, wall0 = _proc_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
+    cpu0, busy0, wall0 = _tree_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
     client0, cbusy0 = children(), _cpu_busy(CLIENT_CPU)
     values, cmd = dnsperf(procs, server.name, server.port, query_file, seconds, mode == "edns",
                           qps_limit)  # fmt: skip
-    cpu1, busy1, wall1 = _proc_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
+    cpu1, busy1, wall1 = _tree_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
     client1, cbusy1 = children(), _cpu_busy(CLIENT_CPU)
     return Run(server.name, mode, rnd, slot, values["qps"], values["avg"] * 1000,
                values["max"] * 1000, values["stddev"] * 1000, int(values["sent"]),
@@ -599,6 +719,8 @@ def machine_facts() -> dict[str, str]:
     dnsmasq_version = re.search(
         r"version (\S+)", run([dnsmasq_path, "--version"]) if dnsmasq_path else ""
     )
+    nsd_version = re.search(r"NSD version (\S+)", run([find_sbin("nsd") or "nsd", "-v"]) + "")
+    knot_version = re.search(r"version (\S+)", run([find_sbin("knotd") or "knotd", "-V"]))
     commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip() or "unknown"
     dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "discovery"]).split("\n")
     dirty_files = [line[3:] for line in dirty if line.strip()]
@@ -610,6 +732,8 @@ def machine_facts() -> dict[str, str]:
         "uvloop": importlib.metadata.version("uvloop"),
         "dnsperf": dnsperf_version.group(1) if dnsperf_version else "unknown",
         "dnsmasq": dnsmasq_version.group(1) if dnsmasq_version else "unknown",
+        "nsd": nsd_version.group(1) if nsd_version else "unknown",
+        "knot": knot_version.group(1) if knot_version else "unknown",
         "commit": commit,
         "dirty": ", ".join(dirty_files) if dirty_files else "",
     }
@@ -620,7 +744,7 @@ class Row:
     server: str
     mode: str
     runs: list[Run]
-    ratios: list[float]
+    ratios: dict[str, list[float]]  # for discovery: peer -> discovery/peer queries/s per round
 
     @property
     def qps(self) -> list[float]:
@@ -633,13 +757,20 @@ def build_rows(runs: list[Run], rounds: int) -> list[Row]:
         for server in SERVERS:
             mine = sorted((r for r in runs if r.server == server and r.mode == mode),
                           key=lambda r: r.round)  # fmt: skip
-            ratios = []
+            ratios: dict[str, list[float]] = {}
             if server == "discovery":
-                for rnd in range(rounds):
-                    d = [r.qps for r in runs if (r.server, r.mode, r.round) == (server, mode, rnd)]
-                    m = [r.qps for r in runs if (r.server, r.mode, r.round) == (DNSMASQ, mode, rnd)]
-                    if d and m:
-                        ratios.append(d[0] / m[0])
+                for peer in PEERS:
+                    for rnd in range(rounds):
+                        d = [
+                            r.qps
+                            for r in runs
+                            if (r.server, r.mode, r.round) == (server, mode, rnd)
+                        ]
+                        m = [
+                            r.qps for r in runs if (r.server, r.mode, r.round) == (peer, mode, rnd)
+                        ]
+                        if d and m:
+                            ratios.setdefault(peer, []).append(d[0] / m[0])
             if mine:
                 rows.append(Row(server, mode, mine, ratios))
     return rows
@@ -649,13 +780,14 @@ def table_lines(rows: list[Row]) -> list[str]:
     head = ("server", "mode", "queries/s (median)", "min-max", "avg latency ms", "max latency ms",
             "lost", "response bytes", "server CPU us/query",
             f"neighbours on CPU {SERVER_CPU} / {CLIENT_CPU}",
-            "discovery/dnsmasq queries/s per round (median)")  # fmt: skip
+            "discovery/peer queries/s per round (median)")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         qps = row.qps
-        ratio = ""
-        if row.ratios:
-            ratio = " / ".join(f"{x:.2f}" for x in row.ratios) + f" (**{_median(row.ratios):.2f}**)"
+        ratio = "<br>".join(
+            f"/{peer}: " + " / ".join(f"{x:.2f}" for x in xs) + f" (**{_median(xs):.2f}**)"
+            for peer, xs in row.ratios.items()
+        )
         lines.append(
             "| "
             + " | ".join(
@@ -727,7 +859,7 @@ def _grouped_bars(ax: Any, rows: list[Row], metric: Any, fmt: str, colors: dict[
         drawn = ax.bar(xs, heights, width, yerr=[lo, hi], capsize=4, label=label,
                        color=colors[mode])  # fmt: skip
         ax.bar_label(drawn, labels=[fmt.format(h) for h in heights], padding=3, fontsize=9)
-    ax.set_xticks(range(len(SERVERS)), ["discovery", "dnsmasq", "uvloop echo\n(ceiling)"])
+    ax.set_xticks(range(len(SERVERS)), [LABELS[s] for s in SERVERS])
     ax.set_ylim(0, top * 1.2 or 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
@@ -740,7 +872,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (bars, cost, ratios) = plt.subplots(
-        1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [1.6, 1.3, 1]}, layout="constrained"
+        1, 3, figsize=(19, 5.5), gridspec_kw={"width_ratios": [1.8, 1.5, 1]}, layout="constrained"
     )
     colors = {"plain": "#4C72B0", "edns": "#DD8452"}
     _grouped_bars(bars, rows, lambda r: r.qps / 1000, "{:.0f}k", colors)
@@ -750,21 +882,22 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     cost.set_ylabel("server CPU microseconds per query")
     cost.set_title("Server CPU time per query (lower is better)")
 
+    styles = {NSD: "o-", KNOT: "s--", DNSMASQ: "^:"}
     for mode in MODES:
         row = next((r for r in rows if r.server == "discovery" and r.mode == mode), None)
-        if row and row.ratios:
-            rounds = range(1, len(row.ratios) + 1)
-            label = "EDNS" if mode == "edns" else "plain"
-            ratios.plot(rounds, row.ratios, "o-", color=colors[mode], label=label)
+        for peer, xs in (row.ratios if row else {}).items():
+            label = f"/{LABELS[peer]}, " + ("EDNS" if mode == "edns" else "plain")
+            ratios.plot(range(1, len(xs) + 1), xs, styles[peer], color=colors[mode], label=label)
     ratios.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ratios.set_xlabel("round")
-    ratios.set_ylabel("discovery / dnsmasq (queries/s)")
-    ratios.set_title("discovery / dnsmasq, per round")
-    ratios.legend(loc="best")
+    ratios.set_ylabel("discovery / peer (queries/s)")
+    ratios.set_title("discovery / peer, per round")
+    ratios.legend(loc="best", fontsize=8)
     ratios.grid(alpha=0.3)
-    all_ratios = [x for r in rows for x in r.ratios] or [1.0]
+    all_ratios = [x for r in rows for xs in r.ratios.values() for x in xs] or [1.0]
     ratios.set_ylim(min(0.0, min(all_ratios)), max(1.2, max(all_ratios) * 1.1))
-    ratios.set_xticks(range(1, max((len(r.ratios) for r in rows), default=1) + 1))
+    longest = max((len(xs) for r in rows for xs in r.ratios.values()), default=1)
+    ratios.set_xticks(range(1, longest + 1))
     fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -778,32 +911,35 @@ def write_markdown(
 ) -> None:  # fmt: skip
     plain = next((r for r in rows if r.server == "discovery" and r.mode == "plain"), None)
     edns = next((r for r in rows if r.server == "discovery" and r.mode == "edns"), None)
-    verdict = []
+    verdict: dict[str, list[str]] = {}
     for label, row in (("plain", plain), ("EDNS", edns)):
-        if row and row.ratios:
-            verdict.append(f"{label} {_median(row.ratios):.2f}")
+        for peer, xs in (row.ratios if row else {}).items():
+            verdict.setdefault(peer, []).append(f"{label} {_median(xs):.2f}")
     fixed_disc = next((r for r in fixed if r.server == "discovery"), None)
+    peers = f"dnsmasq {facts['dnsmasq']}, NSD {facts['nsd']}, Knot DNS {facts['knot']}"
     lost = sum(r.lost for r in runs if r.server == "discovery")
     text = [
-        "# DNS benchmark: discovery against dnsmasq",
+        "# DNS benchmark: discovery against NSD, Knot DNS and dnsmasq",
         "",
         "Generated by `bench/dnsperf_compare.py`; do not edit by hand, run it again.",
         "",
         "## Result",
         "",
-        f"* discovery / dnsmasq queries per second (median of the per-round ratios): "
-        f"{', '.join(verdict) or 'n/a'} (target of issue 4: at least 1.00 in both modes).",
-        f"* Queries lost by discovery over all runs: {lost}.",
     ]
+    for peer, parts in verdict.items():
+        text.append(
+            f"* discovery / {LABELS[peer]} queries per second (median of the per-round ratios): "
+            f"{', '.join(parts)}."
+        )
+    text.append(f"* Queries lost by discovery over all runs: {lost}.")
     for label, mode in (("plain", "plain"), ("EDNS", "edns")):
         cost = {r.server: _median([x.us_per_query for x in r.runs]) for r in rows if r.mode == mode}
-        if "discovery" in cost and DNSMASQ in cost:
+        if "discovery" in cost:
             text.append(
-                f"* Server CPU time per answered query, {label}: discovery {cost['discovery']:.2f}"
-                f" us, dnsmasq {cost[DNSMASQ]:.2f} us, uvloop echo "
-                f"{cost.get('uvloop echo', float('nan')):.2f} us (dnsmasq/discovery "
-                f"{cost[DNSMASQ] / cost['discovery']:.2f}; this measure leaves out the time "
-                "neighbours took, so it is steadier than queries/s here)."
+                f"* Server CPU time per answered query, {label}: "
+                + ", ".join(f"{LABELS[k].splitlines()[0]} {v:.2f} us" for k, v in cost.items())
+                + " (this measure leaves out the time neighbours took, so it is steadier than "
+                "queries/s here)."
             )
     if fixed_disc:
         ok = "met" if fixed_disc.avg_ms < 0.1 else "NOT met"
@@ -813,24 +949,27 @@ def write_markdown(
         )
     text += [
         "",
-        *how_it_was_run(command, started, facts, f"dnsmasq {facts['dnsmasq']}", load[0], load[-1]),
+        *how_it_was_run(command, started, facts, peers, load[0], load[-1]),
         "",
         "Workload: 1,000 services `svcN.default.svc.cluster.local`, one instance `i0` each, "
         "200 of them with a named port `http` (SRV `_http._tcp.svcN…` → "
         "`i0.svcN.default.svc.cluster.local`, port 80). discovery got them through its HTTP API "
         f"(`PUT /v1/services/default/svcN/instances/i0`, {registration_s:.1f} s for all 1,000, "
-        "embedded store, `--log-level warning`); dnsmasq got the same names and addresses in an "
+        "embedded store, `--log-level warning`); NSD and Knot DNS serve one zone file with the "
+        "same records, TTL 5 (NSD: `server-count: 1`, `rrl-ratelimit: 0`, its default responses, "
+        "which carry the zone's NS record and glue; Knot: `udp-workers: 1`, `tcp-workers: 1`, "
+        "`background-workers: 1`); dnsmasq got the same names and addresses in an "
         "`--addn-hosts` file and `srv-host=` lines, `--local=/cluster.local/ --local-ttl=5` (the "
         "TTL discovery gives). The query file has "
         f"{args.lines:,} lines: 80% A hits, 10% SRV hits, 10% names that do not exist, shuffled.",
         "",
-        "The three servers are pinned to CPU 1 (`taskset -c 1`) and measured one at a time "
+        "The five servers are pinned to CPU 1 (`taskset -c 1`) and measured one at a time "
         "(the others sit idle), dnsperf on CPU 0 "
         f"(`taskset -c 0 dnsperf -c 1 -l {args.duration}`, at most 100 queries in flight, so "
         "latency at full speed is mostly queueing). "
         f"{args.rounds} rounds; in each round every server is measured plain and with `-e` "
         "(EDNS0), one after the other, and the order of the servers rotates from round to round. "
-        "The ratio discovery/dnsmasq is taken within a round, from runs a few seconds apart.",
+        "The ratio discovery/peer is taken within a round, from runs a few seconds apart.",
         "",
         "The uvloop echo server (`bench/echo_server.py`) sends each query back with the QR bit "
         "set: no parsing, no lookup. It is the ceiling for any Python server on uvloop.",
@@ -851,7 +990,8 @@ def write_markdown(
         "to anything but the server and dnsperf (other engineers' test suites, interrupts), "
         "median of the rounds. "
         "Response bytes: dnsperf's average response size; discovery's NXDOMAIN answers carry "
-        "the zone's SOA (dnsmasq's carry none), so its responses are a little larger.",
+        "the zone's SOA (dnsmasq's carry none), so its responses are a little larger; NSD's "
+        "positive answers carry the zone's NS record and its glue.",
         "",
     ]
     if png:
@@ -952,18 +1092,21 @@ def main(argv: list[str] | None = None) -> int:
             if not wait_dns(discovery, services[-1].name):
                 raise SystemExit("discovery does not answer for the last registered service")
             dnsm = start_dnsmasq(procs, work, dnsmasq, services)
+            zone = write_zone(work, services)
+            nsd = start_nsd(procs, work, zone, services)
+            knot = start_knot(procs, work, zone, services)
             echo = start_echo(procs, work)
-            log(f"dnsmasq pid {dnsm.popen.pid} port {dnsm.port}; "
-                f"echo pid {echo.popen.pid} port {echo.port}")  # fmt: skip
+            by_name = {"discovery": discovery, NSD: nsd, KNOT: knot, DNSMASQ: dnsm, ECHO: echo}
+            log(", ".join(f"{k} pid {p.popen.pid} port {p.port}" for k, p in by_name.items()))
             checks = check_answers(
-                {"discovery": discovery.port, "dnsmasq": dnsm.port}, services, queries
+                {name: by_name[name].port for name in ("discovery", *PEERS)}, services, queries
             )
             check_echo(echo.port)
             log("answers checked: " + checks[0])
-            by_name = {"discovery": discovery, DNSMASQ: dnsm, "uvloop echo": echo}
             runs: list[Run] = []
             for rnd in range(args.rounds):
-                order = list(SERVERS[rnd % 3 :] + SERVERS[: rnd % 3])
+                turn = rnd % len(SERVERS)
+                order = list(SERVERS[turn:] + SERVERS[:turn])
                 for mode in MODES:
                     for slot, server in enumerate(order):
                         for proc in procs.running:
@@ -978,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{run.us_per_query:.2f} us CPU/query  server CPU "
                             f"{run.cpu_share:.0%}, neighbours {run.neighbours}")  # fmt: skip
             fixed: list[Run] = []
-            for server in ("discovery", "dnsmasq"):
+            for server in ("discovery", NSD, DNSMASQ):
                 run = measure(procs, by_name[server], "plain", 0, 0, query_file,
                               args.fixed_duration, args.fixed_qps)  # fmt: skip
                 fixed.append(run)
@@ -987,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
             load.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
             # the rcode mix under load must match the query file: 10% NXDOMAIN
             for run in runs:
-                if run.server == "uvloop echo":
+                if run.server == ECHO:
                     continue
                 nx = run.rcodes.get("NXDOMAIN", 0) / max(1, sum(run.rcodes.values()))
                 if not 0.08 < nx < 0.12 or set(run.rcodes) - {"NOERROR", "NXDOMAIN"}:

@@ -155,13 +155,6 @@ def dnsperf(procs: Procs, work: Path, replica: Replica, queries: Path, seconds: 
     return procs.start(f"dnsperf-{replica.name}", argv, work / f"dnsperf-{replica.name}.log", 0)
 
 
-def rcodes(text: str) -> dict[str, int]:
-    m = re.search(r"Response codes:\s*(.*)", text)
-    if not m:
-        return {}
-    return {code: int(n) for code, n in re.findall(r"([A-Z]+) (\d+)", m.group(1))}
-
-
 async def check(etcd: EtcdServer, replicas: list[Replica]) -> tuple[int, str]:
     argv = [*discovery_command(), "check", "--etcd", etcd.client_url, "--wait", "30"]
     for r in replicas:
@@ -369,7 +362,7 @@ def report(args: argparse.Namespace, replicas: list[Replica], perf: list[Proc], 
     for r, p in zip(replicas, perf, strict=True):
         text = p.log_path.read_text(errors="replace")
         stats = parse_dnsperf(text)
-        codes = rcodes(text)
+        codes = stats.get("rcodes", {})
         sent = int(stats.get("sent", 0))
         lost = int(stats.get("lost", -1))
         noerror = codes.get("NOERROR", 0)
