@@ -7,9 +7,12 @@
    at a time. VERSION (answered by the plugin alone) gives the floor: process start-up.
 2. Allocations per second: one `discovery serve --etcd …` on loopback, C concurrent callers
    (default 64) PUT attachments of distinct containers through the HTTP API (keep-alive), then
-   DELETE them.
+   DELETE them. With `--client wrk` the PUTs come from wrk (Debian's `wrk`, one thread, C
+   connections, a Lua script naming a new container per request) for `--seconds`: a load
+   generator that costs far less CPU than an aiohttp client, which shares the 2 cores.
 
     sudo .venv/bin/python bench/cni.py [--containers 100] [--allocations 5000] [--callers 64]
+    .venv/bin/python bench/cni.py --skip-plugin --client wrk --seconds 10
 
 Everything started here (namespaces, processes, temporary files) is removed at the end, also
 on error or Ctrl-C. Prints a Markdown report on stdout.
@@ -33,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -245,7 +249,57 @@ def etcd_pid(etcd: EtcdServer) -> int:
     return etcd._proc.pid
 
 
-async def allocation_rate(allocations: int, callers: int) -> list[str]:
+WRK_SCRIPT = r"""
+local threads = {}
+local made = 0
+function setup(thread)
+  made = made + 1
+  thread:set("id", made)
+  table.insert(threads, thread)
+end
+function init(args)
+  counter = 0
+end
+function request()
+  counter = counter + 1
+  local path = "/v1/networks/bench/attachments/w%d-%07d/eth0"
+  return wrk.format("PUT", string.format(path, id, counter))
+end
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    io.write(string.format("THREAD %d %d\n", t:get("id"), t:get("counter")))
+  end
+  io.write(string.format("DONE %d BAD %d ERRORS %d P50_US %d P99_US %d\n", summary.requests,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_allocations(base: str, seconds: float, connections: int, workdir: Path) -> dict[str, Any]:
+    """PUT new attachments from wrk for `seconds`; what it did and the names it used."""
+    script = workdir / "allocate.lua"
+    script.write_text(WRK_SCRIPT)
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "-s", str(script), base]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed:\n{out.stdout}\n{out.stderr}")
+    done = re.search(r"DONE (\d+) BAD (\d+) ERRORS (\d+) P50_US (\d+) P99_US (\d+)", out.stdout)
+    if done is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}")
+    names = [
+        f"w{thread}-{i:07d}"
+        for thread, count in re.findall(r"THREAD (\d+) (\d+)", out.stdout)
+        for i in range(1, int(count) + 1)
+    ]
+    ok, bad, errors, p50, p99 = (int(x) for x in done.groups())
+    return {"done": ok, "bad": bad, "errors": errors, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
+            "names": names}  # fmt: skip
+
+
+async def allocation_rate(
+    allocations: int, callers: int, client: str = "aiohttp", seconds: float = 10.0
+) -> list[str]:
     with Cluster(replicas=1, serve_args=["--node", "bench", "--cni-socket", ""]) as cluster:
         base = cluster.nodes[0].base
         assert cluster.etcd is not None
@@ -261,23 +315,49 @@ async def allocation_rate(allocations: int, callers: int) -> list[str]:
                     assert response.status == 503 and time.monotonic() < deadline
                 await asyncio.sleep(0.2)
             rows = []
+            names = [f"c{i:06d}" for i in range(allocations)]
+            if client == "wrk":
+                pids = {"server": cluster.nodes[0].proc.pid, "etcd": etcd}
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                started = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = await asyncio.to_thread(
+                        wrk_allocations, base, seconds, callers, Path(tmp)
+                    )
+                elapsed = time.perf_counter() - started
+                cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+                done = result["done"]
+                if result["bad"] or result["errors"]:
+                    raise RuntimeError(f"wrk: {result['bad']} non-2xx, {result['errors']} errors")
+                per_call = " / ".join(f"{cpu[n] / done * 1000:.2f}" for n in ("server", "etcd"))
+                rows.append(
+                    f"| allocate (PUT, wrk) | {done:>6} | {callers:>7} "
+                    f"| {done / seconds:8.0f} | {result['p50_ms']:6.1f} "
+                    f"| {result['p99_ms']:6.1f} | {per_call + ' / (wrk)':<20} |"
+                )
+                log(f"allocate (PUT, wrk): {done / seconds:.0f}/s over {elapsed:.1f} s "
+                    f"(load {load()})")  # fmt: skip
+                names = result["names"]
+                allocations = len(names)
             for method, expect in (("PUT", {200, 201}), ("DELETE", {204})):
+                if client == "wrk" and method == "PUT":
+                    continue
                 latencies: list[float] = []
-                queue = iter(range(allocations))
+                queue = iter(names)
 
                 async def caller(
                     method: str = method,
                     expect: set[int] = expect,
-                    queue: Iterator[int] = queue,
+                    queue: Iterator[str] = queue,
                     latencies: list[float] = latencies,
                 ) -> None:
-                    for i in queue:
-                        url = f"{base}/v1/networks/bench/attachments/c{i:06d}/eth0"
+                    for name in queue:
+                        url = f"{base}/v1/networks/bench/attachments/{name}/eth0"
                         started = time.perf_counter()
                         async with session.request(method, url) as response:
                             await response.read()
                             if response.status not in expect:
-                                raise RuntimeError(f"{method} c{i}: {response.status}")
+                                raise RuntimeError(f"{method} {name}: {response.status}")
                         latencies.append(time.perf_counter() - started)
 
                 pids = {"server": cluster.nodes[0].proc.pid, "etcd": etcd}
@@ -320,6 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-plugin", action="store_true", help="only the API part")
     parser.add_argument("--skip-api", action="store_true", help="only the plugin part")
+    parser.add_argument(
+        "--client",
+        choices=("aiohttp", "wrk"),
+        default="aiohttp",
+        help="what sends the allocating PUTs (wrk: Debian's wrk, --seconds long)",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long wrk sends PUTs")
     args = parser.parse_args(argv)
     before = load()
     print(f"`{' '.join(['bench/cni.py', *(argv or sys.argv[1:])])}`, {now()}, {machine()}")
@@ -334,7 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(plugin_latency(args.containers, workdir, plugins)))
             print(f"\nload average after the plugin part: {load()}\n")
         if not args.skip_api:
-            print("\n".join(asyncio.run(allocation_rate(args.allocations, args.callers))))
+            if args.client == "wrk" and shutil.which("wrk") is None:
+                raise SystemExit("--client wrk: wrk is not installed (apt-get install wrk)")
+            rows = asyncio.run(
+                allocation_rate(args.allocations, args.callers, args.client, args.seconds)
+            )
+            print("\n".join(rows))
             print(f"\nload average after the API part: {load()}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
