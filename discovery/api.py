@@ -22,9 +22,11 @@ from .model import (
     InstanceKey,
     Registration,
     Spec,
+    address_problem,
     decode_registration,
     encode_registration,
     is_label,
+    name_problems,
     txt_problems,
 )
 from .net.ipam import Ipam
@@ -41,6 +43,7 @@ DEFAULT_WAIT = 300.0
 RETRY_AFTER = "2"
 WRITE_VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's cache to show it
 PROBLEM = "application/problem+json"
+CLIENT_CLOSED = 499  # the status counted for a request whose client left before the answer
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,14 @@ async def problem_middleware(
             error.text if error.text and not error.text.startswith(str(error.status)) else title
         )
         response = Problem(error.status, title, detail, headers=_allow(error)).response()
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise  # not the client's: the generic case below is for our own failures
+        # The client went away mid-request (mid-body, most often): nothing to answer, no
+        # error of ours. Counted as 499, nginx's "client closed request".
+        log.debug("client %s closed the connection: %s %s", request.remote, request.method,
+                  request.path)  # fmt: skip
+        response = web.Response(status=CLIENT_CLOSED)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         response = Problem(500, "Internal error", "the server failed; see its log").response()
@@ -153,9 +164,17 @@ async def read_json(request: web.Request) -> Any:
     if not raw:
         raise invalid([{"field": "body", "message": "a JSON object is required"}])
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
+        if b"\\u" in raw or b"\xed" in raw:
+            # "\ud800" (or its bytes, which json.loads lets pass) parses to a lone surrogate,
+            # which is no Unicode text and cannot be stored: refuse it here
+            json.dumps(data, ensure_ascii=False).encode()
+        return data
     except RecursionError:
         raise invalid([{"field": "body", "message": "invalid JSON: nested too deeply"}]) from None
+    except UnicodeEncodeError:
+        message = "invalid JSON: a string holds a lone surrogate (U+D800-U+DFFF), not text"
+        raise invalid([{"field": "body", "message": message}]) from None
     except (ValueError, UnicodeDecodeError) as error:
         raise invalid([{"field": "body", "message": f"invalid JSON: {error}"}]) from None
 
@@ -215,7 +234,7 @@ def _in_words(e: Any) -> str:
     return message
 
 
-def _validate(data: Any, config: Config) -> Registration:
+def _validate(data: Any, config: Config, key: InstanceKey) -> Registration:
     if not isinstance(data, dict):
         raise invalid([{"field": "body", "message": "must be a JSON object"}])
     try:
@@ -229,6 +248,11 @@ def _validate(data: Any, config: Config) -> Registration:
     # metadata is served as DNS-SD TXT strings: refuse what they cannot carry
     if problems := txt_problems(spec.metadata):
         raise invalid([{"field": "metadata", "message": problem} for problem in problems])
+    errors = name_problems(key.namespace, key.service, key.name, spec.ports, config.zones)
+    if problem := address_problem(spec.address, config.allow_address):
+        errors.insert(0, {"field": "address", "message": problem})
+    if errors:
+        raise invalid(errors)
     return spec
 
 
@@ -259,7 +283,7 @@ def _instance_body(instance: Instance, remaining: int | None = None) -> dict[str
 async def register(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
-    spec = _validate(await read_json(request), ctx.config)
+    spec = _validate(await read_json(request), ctx.config, key)
     store_key = key.store_key(ctx.config.etcd_prefix)
     value = encode_registration(spec)
     lease = await ctx.store.grant(spec.ttl)

@@ -14,7 +14,15 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Config, ConfigError, HostPort, env_name, normalize_zone, parse_upstreams
+from .config import (
+    Config,
+    ConfigError,
+    HostPort,
+    env_name,
+    normalize_zone,
+    parse_networks,
+    parse_upstreams,
+)
 from .server import Server
 from .workers import Supervisor
 
@@ -140,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="served zone; may repeat [DISCOVERY_ZONE, comma-separated; default cluster.local]",
     )
+    serve.add_argument(
+        "--allow-address",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="admit registrations of loopback or link-local addresses in CIDR (refused "
+        "otherwise); may repeat [DISCOVERY_ALLOW_ADDRESS, comma-separated; default none]",
+    )
     from . import check, sidecar
 
     sidecar.add_parser(commands)
@@ -163,6 +179,11 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             raise ConfigError(f"{flag}: {error}") from None
     zones = args.zone or _split(environ.get("DISCOVERY_ZONE", "")) or ["cluster.local"]
     etcd = tuple(_endpoint(url) for url in _split(values.pop("etcd") or ""))
+    allowed = ",".join(args.allow_address or ()) or environ.get("DISCOVERY_ALLOW_ADDRESS", "")
+    try:
+        values["allow_address"] = parse_networks(allowed)
+    except ConfigError as error:
+        raise ConfigError(f"--allow-address: {error}") from None
     upstream = values.pop("upstream") or ()
     if isinstance(values["dns"], str):
         values["dns"] = HostPort.parse(values["dns"])

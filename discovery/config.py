@@ -99,6 +99,19 @@ def _nameservers(path: str) -> list[HostPort]:
     return found
 
 
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`CIDR[,CIDR...]` (a bare address is its /32 or /128)."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{item!r} is not a CIDR prefix (e.g. 127.0.0.0/8)") from None
+    return tuple(networks)
+
+
 def is_node_name(text: str) -> bool:
     """A node name as store keys carry it (a host name, or anything like one)."""
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}", text) is not None
@@ -150,6 +163,8 @@ class Config:
     # Not a flag: with --workers, the first worker programs the overlay and the others only
     # read the kernel (to say what is programmed); one writer per node.
     overlay_observe: bool = False
+    # loopback or link-local prefixes a registration may nevertheless use (--allow-address)
+    allow_address: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.zones:

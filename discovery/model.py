@@ -38,6 +38,84 @@ def txt_problems(metadata: Mapping[str, str]) -> list[str]:
 
 
 Label = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_RE.pattern)]
+PORT_NAME_MAX = 15  # a service name in the sense of RFC 6335 5.1 (the SRV label `_<name>`)
+MAX_NAME = 255  # octets of a domain name on the wire (RFC 1035 2.3.4)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPV4_RESERVED = ipaddress.ip_network("240.0.0.0/4")  # includes the broadcast 255.255.255.255
+IPV4_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # a source only (RFC 1122 3.2.1.3)
+CLOUD_METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def address_problem(text: str, allowed: tuple[Network, ...] = ()) -> str | None:
+    """Why a (validated, compressed) address cannot be a service's address, or None.
+
+    Never: unspecified, multicast, broadcast, reserved, in any spelling (an IPv4-mapped IPv6
+    address is judged as the IPv4 address it maps). Unless `allowed` admits it: loopback and
+    link-local (169.254.169.254, the cloud metadata service, among them), which mean another
+    host to every client that resolves them.
+    """
+    address = ipaddress.ip_address(text)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    judged = mapped if mapped is not None else address
+    if judged.is_unspecified or judged.is_multicast:
+        return "must be a unicast address (not unspecified or multicast)"
+    if isinstance(judged, ipaddress.IPv4Address) and (
+        judged in IPV4_RESERVED or judged in IPV4_THIS_NETWORK
+    ):
+        return "must be a unicast address (not broadcast, reserved or 0.0.0.0/8)"
+    if judged.is_loopback or judged.is_link_local:
+        if any(judged in net or address in net for net in allowed):
+            return None
+        kind = "a loopback address" if judged.is_loopback else "a link-local address"
+        if judged == CLOUD_METADATA:
+            kind = "the cloud metadata address"
+        return f"is {kind}: refused unless the server's --allow-address admits it"
+    return None
+
+
+def _wire_length(*labels: str) -> int:
+    return sum(1 + len(label.encode()) for label in labels) + 1
+
+
+def name_problems(
+    namespace: str, service: str, name: str, ports: tuple[Port, ...], zones: tuple[str, ...]
+) -> list[dict[str, str]]:
+    """The fields that would make illegal DNS names: a port name over 15 characters, or any
+    name over 255 octets in the longest zone: the instance name <inst>.<svc>.<ns>.svc.Z (A,
+    PTR and SRV targets), _<port>._<proto>.<svc>.<ns>.svc.Z and the DNS-SD instance
+    <inst>._<port>._<proto>.<ns>.svc.Z. (Checked at registration only: records stored
+    before these rules still load.)"""
+    zone = max(zones, key=len).split(".")
+    problems = [
+        {
+            "field": f"ports.{index}.name",
+            "message": f"must have at most {PORT_NAME_MAX} characters (RFC 6335 5.1)",
+        }
+        for index, port in enumerate(ports)
+        if len(port.name) > PORT_NAME_MAX
+    ]
+    longest = _wire_length(name, service, namespace, "svc", *zone)
+    if longest > MAX_NAME:
+        problems.append(
+            {
+                "field": "inst",
+                "message": f"{name}.{service}.{namespace}.svc.{'.'.join(zone)} would be "
+                f"{longest} octets, over the {MAX_NAME} of a DNS name: use shorter names",
+            }
+        )
+    for index, port in enumerate(ports):
+        srv = _wire_length(f"_{port.name}", f"_{port.protocol}", service, namespace, "svc", *zone)
+        sd = _wire_length(name, f"_{port.name}", f"_{port.protocol}", namespace, "svc", *zone)
+        if max(srv, sd) > MAX_NAME:
+            problems.append(
+                {
+                    "field": f"ports.{index}.name",
+                    "message": f"its SRV names would be {max(srv, sd)} octets, over the "
+                    f"{MAX_NAME} of a DNS name: use shorter names",
+                }
+            )
+    return problems
 
 
 class Port(BaseModel):

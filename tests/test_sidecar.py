@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -45,7 +46,9 @@ server.serve_forever()
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
-    async with run_server(make_config(min_ttl=1)) as running:
+    # --address auto registers the address that routes to the server: loopback here
+    loopback = (ipaddress.ip_network("127.0.0.0/8"),)
+    async with run_server(make_config(min_ttl=1, allow_address=loopback)) as running:
         await running.registry.wait(lambda: running.registry.synced, 5)
         yield running
 
