@@ -397,7 +397,12 @@ async def list_services(request: web.Request) -> web.Response:
     if index is not None:
         await registry.wait(lambda: registry.revision > index, wait)
     services = [
-        {"namespace": ns, "service": svc, "instances": len(instances)}
+        {
+            "namespace": ns,
+            "service": svc,
+            "instances": len(instances),
+            "tags": sorted({tag for i in instances.values() for tag in i.spec.tags}),
+        }
         for (ns, svc), instances in sorted(registry.services().items())
     ]
     return _indexed({"services": services}, registry)

@@ -234,7 +234,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/services": {
                 "get": {
                     "operationId": "listServices",
-                    "summary": "Every service with its instance count",
+                    "summary": "Every service with its instance count and its instances' tags",
                     "parameters": long_poll,
                     "responses": {"200": {"description": "Services", "headers": _INDEX}, **_ERRORS},
                 }

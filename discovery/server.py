@@ -27,6 +27,7 @@ from .net.overlay import Overlay
 from .registry import Changes, Registry
 from .store.base import Store, StoreUnavailable
 from .store.embedded import EmbeddedStore
+from .ui import routes as dashboard_routes
 from .watcher import Watcher
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class Server:
             )
             if self.forwarder is not None:
                 self.metrics.watch_forwarding(self.forwarder)
-            app = create_app(context, network_routes.add_routes)
+            app = create_app(context, network_routes.add_routes, dashboard_routes(self.dns_address))
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
             self._tasks.append(asyncio.create_task(self._adopt_node_lease(), name="node-lease"))
             await self._runner.setup()

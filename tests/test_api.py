@@ -177,15 +177,16 @@ async def test_list_services(client: Client) -> None:
     status, body, headers = await client.request("GET", "/v1/services")
     assert status == 200 and body == {"services": []}
     empty_index = int(headers["X-Discovery-Index"])
-    for inst in ("web-1", "web-2"):
-        await client.register("default", "web", inst, address="10.0.0.1")
+    await client.register("default", "web", "web-1", address="10.0.0.1", tags=["b", "a"])
+    await client.register("default", "web", "web-2", address="10.0.0.1", tags=["a", "canary"])
     await client.register("prod", "api", "api-1", address="10.0.1.1")
     await settle(client)
     status, body, headers = await client.request("GET", "/v1/services")
     assert status == 200
+    # tags: every tag any instance carries, once, sorted
     assert body == {"services": [
-        {"namespace": "default", "service": "web", "instances": 2},
-        {"namespace": "prod", "service": "api", "instances": 1},
+        {"namespace": "default", "service": "web", "instances": 2, "tags": ["a", "b", "canary"]},
+        {"namespace": "prod", "service": "api", "instances": 1, "tags": []},
     ]}
     assert int(headers["X-Discovery-Index"]) > empty_index
 
@@ -301,7 +302,9 @@ async def test_long_poll_on_the_service_list(client: Client) -> None:
     await client.register("prod", "api", "api-1", address="10.0.1.1")
     status, body, headers = await asyncio.wait_for(poll, 2)
     assert status == 200
-    assert body["services"] == [{"namespace": "prod", "service": "api", "instances": 1}]
+    assert body["services"] == [
+        {"namespace": "prod", "service": "api", "instances": 1, "tags": []}
+    ]
     assert int(headers["X-Discovery-Index"]) > index
 
 
@@ -395,6 +398,8 @@ def router_paths(app: web.Application) -> dict[str, set[str]]:
     for route in app.router.routes():
         if route.method == "HEAD" or route.resource is None:
             continue
+        if route.resource.canonical.startswith("/ui"):
+            continue  # the dashboard's pages and files (discovery/ui): HTML, not the API
         paths.setdefault(route.resource.canonical, set()).add(route.method.lower())
     return paths
 
