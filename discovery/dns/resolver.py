@@ -40,6 +40,7 @@ from .records import (
 from .records import counts as record_counts
 
 UDP_MIN = 512
+UDP_MAX = EDNS_PAYLOAD  # whatever size a client advertises: no amplification
 TCP_MAX = 65535
 _IN = b"\x00\x01"
 _QD1 = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
@@ -60,6 +61,8 @@ _OPT_PAYLOAD = 3  # CLASS: the requester's UDP payload size (2 bytes)
 _OPT_VERSION = 6  # TTL's second byte: EDNS version
 _OPT_RDLENGTH = 9  # 2 bytes, then the options
 _OPT_DO = 7  # TTL's third byte: its top bit is DO (RFC 3225)
+_OPTIONS = _OPT_FIXED  # where the options start
+_COOKIE = 10  # RFC 7873: 8 bytes of client cookie, or 16 to 40 with a server cookie
 _CD = 0x10  # in the flags' low byte
 _NOT_QUERY = 0xF8  # QR set or an OPCODE other than QUERY
 _ZONE_MEMO_SIZE = 65536  # names remembered with their zone, for negative answers
@@ -143,8 +146,11 @@ class Resolver:
             and size
             == qend + _OPT_FIXED + (q[qend + _OPT_RDLENGTH] << 8 | q[qend + _OPT_RDLENGTH + 1])
         ):
+            if size > qend + _OPTIONS and not options_well_formed(q, qend + _OPTIONS, size):
+                return None  # FORMERR on the full path
             edns = True
-            limit = max(UDP_MIN, q[qend + _OPT_PAYLOAD] << 8 | q[qend + _OPT_PAYLOAD + 1])
+            payload = q[qend + _OPT_PAYLOAD] << 8 | q[qend + _OPT_PAYLOAD + 1]
+            limit = UDP_MIN if payload < UDP_MIN else UDP_MAX if payload > UDP_MAX else payload
         else:
             return None
         answers = self.answers
@@ -186,8 +192,6 @@ class Resolver:
                         return None  # refused, or forwarded uncached: the full path
                     if edns and q[qend + _OPT_DO] & 0x80:
                         return None
-                    if not tcp and limit > UPSTREAM_PAYLOAD:
-                        room -= limit - UPSTREAM_PAYLOAD
                     return forwarder.cached(q, name + q[end + 1 : qend], question, edns, room)
                 if q[end + _QTYPE : end + _QCLASS] in _ZONE_TRANSFER_WIRE:
                     return None
@@ -264,23 +268,32 @@ class Resolver:
         if not all(_encodable(question.qname) for question in query.questions):
             return _header_only(q, FORMERR)  # dnslib cannot echo such a question
         header = query.header
+        # RD and CD are defined for QUERY only: not echoed for another opcode (ISC opcodeflg)
+        query_flags = header.opcode == 0
         reply = DNSRecord(
             DNSHeader(
-                id=header.id, qr=1, opcode=header.opcode, rd=header.rd, ra=int(self.recursion)
+                id=header.id,
+                qr=1,
+                opcode=header.opcode,
+                rd=header.rd if query_flags else 0,
+                ra=int(self.recursion),
             )
         )
-        reply.header.cd = header.cd
+        reply.header.cd = header.cd if query_flags else 0
         opts = [rr for rr in query.ar if rr.rtype == OPT]
         if len(opts) > 1 or any(o.rname.label for o in opts):
             return self._finish(reply, query, FORMERR)
         limit = TCP_MAX if tcp else UDP_MIN
         if opts:
             if not tcp:
-                limit = max(UDP_MIN, opts[0].rclass)
+                limit = max(UDP_MIN, min(UDP_MAX, opts[0].rclass))
             reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
             if (opts[0].ttl >> 16) & 0xFF:
                 reply.ar[-1].ttl = (BADVERS >> 4) << 24
                 return self._finish(reply, query, NOERROR)
+            options = _opt_rdata(q)
+            if options is None or not options_well_formed(q, *options):
+                return self._finish(reply, query, FORMERR)
         if header.opcode != 0:
             return self._finish(reply, query, NOTIMP)
         if len(query.questions) != 1:
@@ -397,10 +410,54 @@ def _encodable(name: DNSLabel) -> bool:
     return len(name) <= 253 and all(len(label) <= 63 for label in name.label)
 
 
+def options_well_formed(q: bytes, at: int, end: int) -> bool:
+    """The EDNS options from `at` to `end`: whole options (RFC 6891 6.1.2) ending exactly
+    there, and any COOKIE of a legal length (RFC 7873 5.2.2: else FORMERR)."""
+    while at < end:
+        if at + 4 > end:
+            return False
+        code, length = q[at] << 8 | q[at + 1], q[at + 2] << 8 | q[at + 3]
+        at += 4 + length
+        if at > end or (code == _COOKIE and not _cookie_length(length)):
+            return False
+    return True
+
+
+def _cookie_length(length: int) -> bool:
+    return length == 8 or 16 <= length <= 40
+
+
+def _opt_rdata(q: bytes) -> tuple[int, int] | None:
+    """Where the first OPT record's options start and end in a query that parsed (dnslib
+    reads options leniently: it skips a cut one rather than refusing it)."""
+    try:
+        qdcount, *records = struct.unpack_from(">HHHH", q, 4)
+        at = 12
+        for _ in range(qdcount):
+            at = _name_end(q, at) + 4
+        for _ in range(sum(records)):
+            at = _name_end(q, at)
+            rtype, rdlength = q[at] << 8 | q[at + 1], q[at + 8] << 8 | q[at + 9]
+            at += 10
+            if rtype == OPT:
+                return at, at + rdlength
+            at += rdlength
+    except IndexError:
+        pass
+    return None
+
+
+def _name_end(q: bytes, at: int) -> int:
+    while (length := q[at]) and length < 0xC0:
+        at += length + 1
+    return at + (2 if length else 1)
+
+
 def _header_only(q: bytes, rcode: int) -> bytes:
-    """A response carrying only the query's ID, opcode and RD bit: for unparsable input."""
+    """A response carrying only the query's ID, opcode and (for QUERY) RD bit: for
+    unparsable input."""
     qid, flags = struct.unpack_from(">HH", q)
-    flags = 0x8000 | (flags & 0x7900) | rcode
+    flags = 0x8000 | (flags & (0x7900 if flags & 0x7800 == 0 else 0x7800)) | rcode
     return struct.pack(">HHHHHH", qid, flags, 0, 0, 0, 0)
 
 
