@@ -641,6 +641,27 @@ async def test_the_client_reopens_its_receive_window(peer: Peer) -> None:
     assert await settled(future) == 30
 
 
+async def test_answers_split_across_reads_and_between_other_frames(peer: Peer) -> None:
+    """The stream's DATA frames are read past h2 once the response headers are in: frames cut
+    anywhere, a PING between two answers and a padded answer all keep their order."""
+    stream, connection = await peer.open()
+    futures = [stream.send(lease) for lease in (1, 2, 3, 4)]
+    assert await connection.requests(4) == [1, 2, 3, 4]
+    one, two, three = (frame(DATA, 0, 1, answer(lease, 10 + lease)) for lease in (1, 2, 3))
+    four = frame(DATA, PADDED, 1, b"\x03" + answer(4, 14) + b"\x00" * 3)  # h2 reads this one
+    ping = bytes(PingFrame(0, b"between!").serialize())
+    connection.inject(one + ping + two[:4])
+    assert await settled(futures[0]) == 11
+    connection.inject(two[4:] + three[:12])
+    assert await settled(futures[1]) == 12
+    assert not futures[2].done()
+    connection.inject(three[12:] + four)
+    assert [await settled(f) for f in futures[2:]] == [13, 14]
+    seen = await connection.barrier()
+    assert b"between!" in [e.ping_data for e in seen if isinstance(e, PingAckReceived)]
+    assert not stream.broken
+
+
 # Endings: every way the stream can end fails the pending calls and breaks the stream.
 
 

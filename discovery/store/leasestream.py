@@ -16,8 +16,12 @@ how. The gRPC messages inside the DATA (a 5-byte length prefix and a protobuf) a
 
 What h2 costs: etcd sends every answer in a DATA frame of its own, and h2 handles each frame
 on its own (parse, two state machines, windows, an event): about twice the CPU per renewal of
-the former hand framing (docs/etcd-benchmarks.md). What this side can batch, it does: one
-send_data per loop turn, received data acknowledged per 64 KiB, encoded requests reused.
+the former hand framing (docs/etcd-benchmarks.md). So one kind of frame skips h2: once h2 has
+reported the response headers with status 200, a complete, unpadded DATA frame of the stream
+that does not end it is read here (its payload appended to the messages, its length counted
+against the windows, which are topped up with WINDOW_UPDATE frames per 64 KiB as h2 would).
+Every other frame, and every byte before the response headers, goes to h2 in the order read.
+What this side can batch, it does: one send_data per loop turn, encoded requests reused.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ _MAX_MESSAGE = 1 << 20
 _UNAUTHENTICATED = 16  # grpc-status
 _RETRYABLE = frozenset({1, 2, 4, 13, 14})  # cancelled, unknown, deadline, internal, unavailable
 _PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
+_FRAME_HEAD = 9  # length (3), type (1), flags (1), stream (4)
+_DATA = 0
+_PADDED_OR_END_STREAM = 0x08 | 0x01
+_OUR_STREAM = _STREAM.to_bytes(4, "big")
+_HEADER_BLOCK = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
+_END_HEADERS = 0x4
+_WINDOW_UPDATE_HEAD = (4).to_bytes(3, "big") + b"\x08\x00"  # length 4, WINDOW_UPDATE, no flags
 
 
 class StreamUnauthenticated(StoreError):
@@ -112,6 +123,10 @@ class LeaseStream(asyncio.Protocol):
         self._flush_soon = False
         self._messages = bytearray()  # the stream's DATA not yet parsed into messages
         self._unacknowledged = 0  # DATA bytes read, not yet acknowledged to h2
+        self._frames = bytearray()  # bytes read, not yet a complete frame
+        self._responded = False  # h2 reported the response headers, status 200
+        self._in_header_block = False  # a header block without END_HEADERS yet: all to h2
+        self._read_here = 0  # DATA bytes read past h2, not yet given back to etcd's windows
         self._h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self._h2.local_settings = Settings(
             client=True,
@@ -267,12 +282,66 @@ class LeaseStream(asyncio.Protocol):
         self._fail(f"{exc or 'connection closed'}")
 
     def data_received(self, data: bytes) -> None:
+        """Complete frames in the order read: the stream's plain DATA frames here, runs of
+        every other frame through h2."""
+        frames = self._frames
+        frames += data
+        size = len(frames)
+        at = start = 0  # frames[start:at] is a run for h2
+        read_here = 0
+        messages = self._messages
+        while size - at >= _FRAME_HEAD:
+            length = int.from_bytes(frames[at : at + 3], "big")
+            if length > self._h2.max_inbound_frame_size:
+                at = size  # h2 refuses it: hand it over now, not after 16 MiB
+                break
+            end = at + _FRAME_HEAD + length
+            if end > size:
+                break
+            kind = frames[at + 3]
+            if kind in _HEADER_BLOCK:
+                self._in_header_block = not frames[at + 4] & _END_HEADERS
+            elif (
+                kind == _DATA
+                and not frames[at + 4] & _PADDED_OR_END_STREAM
+                and frames[at + 5 : at + 9] == _OUR_STREAM
+                and self._responded
+                and not self._in_header_block
+            ):
+                if start < at and not self._through_h2(bytes(frames[start:at])):
+                    return
+                messages += frames[at + _FRAME_HEAD : end]
+                read_here += length
+                start = end
+            at = end
+        run = bytes(frames[start:at])
+        del frames[:at]
+        if read_here:
+            self._read_here += read_here
+            if self._read_here >= _ACKNOWLEDGE:
+                increment = self._read_here.to_bytes(4, "big")
+                self._unsent += b"".join(
+                    (_WINDOW_UPDATE_HEAD, b"\x00\x00\x00\x00", increment,
+                     _WINDOW_UPDATE_HEAD, _OUR_STREAM, increment)
+                )  # fmt: skip
+                self._read_here = 0
+        if run:
+            self._through_h2(run)  # it parses the messages and flushes as below
+            return
+        self._parse_messages()
+        if self.broken:
+            return
+        if self._unsent:
+            self._flush_later()
+
+    def _through_h2(self, data: bytes) -> bool:
+        """Hand frames to h2 and act on its events; False once the stream is over."""
         connection = self._h2
         try:
             events = connection.receive_data(data)
         except ProtocolError as error:
             self._fail(f"keepalive stream: HTTP/2 protocol error: {error}")
-            return
+            return False
         received = 0
         more_window = False
         messages = self._messages
@@ -283,23 +352,24 @@ class LeaseStream(asyncio.Protocol):
                 if event.stream_ended is not None:
                     self._parse_messages()
                     self._fail("keepalive stream: the stream ended without trailers")
-                    return
+                    return False
             elif isinstance(event, ResponseReceived):
                 headers = dict(event.headers or ())
                 status = headers.get(b":status", b"none")
                 if status != b"200":
                     self._fail(f"keepalive stream: HTTP status {status.decode(errors='replace')}")
-                    return
+                    return False
                 if event.stream_ended is not None:  # a trailers-only answer
                     self._end(headers)
-                    return
+                    return False
+                self._responded = True
             elif isinstance(event, TrailersReceived):
                 self._end(dict(event.headers or ()))
-                return
+                return False
             elif isinstance(event, StreamReset):
                 self._parse_messages()  # answers that came before the end still count
                 self._fail(f"keepalive stream: stream reset (HTTP/2 error {event.error_code})")
-                return
+                return False
             elif isinstance(event, ConnectionTerminated):
                 # Even a graceful GOAWAY (etcd shutting down) ends this stream here: the renewals
                 # in flight fail with StoreUnavailable and the next one dials the next member.
@@ -308,7 +378,7 @@ class LeaseStream(asyncio.Protocol):
                 self._fail(
                     f"keepalive stream: etcd closed the connection (GOAWAY) {reason}".strip()
                 )
-                return
+                return False
             elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
                 more_window = True
             # h2 has answered PING and SETTINGS itself; the other events need nothing here
@@ -319,12 +389,13 @@ class LeaseStream(asyncio.Protocol):
                 self._unacknowledged = 0
         self._parse_messages()
         if self.broken:
-            return
+            return False
         unsent = connection.data_to_send()
         if unsent:
             self._unsent += unsent
-        if unsent or (more_window and self._outbox):
+        if self._unsent or (more_window and self._outbox):
             self._flush_later()
+        return True
 
     def _end(self, headers: dict[bytes, bytes]) -> None:
         """The trailers (or a trailers-only answer): the stream is over, and why."""
