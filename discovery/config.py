@@ -117,11 +117,21 @@ def is_node_name(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}", text) is not None
 
 
+# The longest zone that leaves room for every name the server builds from one-character
+# labels: `_services._dns-sd._udp.<ns>.svc.<zone>` (DNS-SD browsing) is 31 octets more.
+MAX_ZONE_LENGTH = 224
+
+
 def normalize_zone(zone: str) -> str:
     name = zone.strip().strip(".").lower()
     labels = name.split(".")
     if not name or any(not label or len(label) > 63 for label in labels) or len(name) > 253:
         raise ConfigError(f"{zone!r} is not a valid zone name")
+    if len(name) > MAX_ZONE_LENGTH:
+        raise ConfigError(
+            f"zone {name[:20]}…: {len(name)} characters leave no room for service names in"
+            f" 255 octets (at most {MAX_ZONE_LENGTH})"
+        )
     return name
 
 
@@ -152,6 +162,10 @@ class Config:
     node_lease: int = 0
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1024
+    tcp_message_timeout: float = 2.0
+    tcp_max_connections_per_client: int = 16
+    dns_rate_limit: int = 0  # queries per second per client address; 0: no limit
+    max_answers: int = 0  # records per answer; 0: as many as fit the message
     log_level: str = "info"
     node: str = "node"
     node_ip: str | None = None
@@ -195,6 +209,14 @@ class Config:
             raise ConfigError("the node lease ID must be a positive 64-bit integer")
         if self.tcp_idle_timeout <= 0 or self.tcp_max_connections < 1:
             raise ConfigError("TCP idle timeout and connection cap must be positive")
+        if not 0 < self.tcp_message_timeout <= 3600:
+            raise ConfigError("--tcp-message-timeout must be between 0 and 3600 seconds")
+        if self.tcp_max_connections_per_client < 1:
+            raise ConfigError("--tcp-max-connections-per-client must be at least 1")
+        if self.dns_rate_limit < 0:
+            raise ConfigError("--dns-rate-limit must be 0 (off) or queries per second")
+        if self.max_answers < 0:
+            raise ConfigError("--max-answers must be 0 (as many as fit) or a number of records")
         if not is_node_name(self.node):
             raise ConfigError(
                 f"--node {self.node!r}: use letters, digits, '-', '_' and '.' (1-253 characters)"

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .dns.records import RCODE_NAMES
+from .dns.transport import REFUSAL_REASONS
 
 if TYPE_CHECKING:
     from .dns.answers import Answers
@@ -152,6 +153,23 @@ class _StateCollector(Collector):
         truncated = CounterMetricFamily("discovery_dns_truncated", "UDP answers sent with TC=1")
         truncated.add_metric([], stats.truncated)
         yield truncated
+        refused = CounterMetricFamily(
+            "discovery_dns_refused",
+            "DNS clients refused by a limit, by reason: TCP connections over the cap in all "
+            "(tcp_connections) or per client (tcp_client_connections), a TCP message not whole "
+            "by its deadline (tcp_message_timeout), queries over --dns-rate-limit (rate_limit)",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], stats.refused[reason])
+        yield refused
+        skipped = CounterMetricFamily(
+            "discovery_dns_records_skipped",
+            "Records left out of DNS answers because a name they need would be illegal "
+            "(a label over 63 or a name over 255 octets)",
+        )
+        skipped.add_metric([], self.answers.stats.skipped)
+        yield skipped
         if self.tcp is not None:
             yield _gauge(
                 "discovery_dns_tcp_connections", "Open DNS TCP connections", len(self.tcp.open)

@@ -18,7 +18,7 @@ from .config import Config, Sockets
 from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
 from .dns.resolver import Resolver
-from .dns.transport import TcpConnections, open_listeners
+from .dns.transport import TcpConnections, TcpLimits, open_listeners
 from .metrics import Metrics
 from .model import records_prefix
 from .net import routes as network_routes
@@ -83,7 +83,11 @@ class Server:
         self.metrics = Metrics()
         self.store = store if store is not None else make_store(config)
         settings = DnsSettings(
-            config.zones, config.dns_ttl, config.negative_ttl, _glue_address(config.dns.host)
+            config.zones,
+            config.dns_ttl,
+            config.negative_ttl,
+            _glue_address(config.dns.host),
+            config.max_answers,
         )
         self.registry = Registry(config.etcd_prefix)
         self.answers = Answers(settings)
@@ -150,8 +154,14 @@ class Server:
                 self._sockets.dns_udp,
                 self._sockets.dns_tcp,
                 self.resolver.answer,
-                config.tcp_idle_timeout,
-                config.tcp_max_connections,
+                TcpLimits(
+                    config.tcp_idle_timeout,
+                    config.tcp_message_timeout,
+                    config.tcp_max_connections,
+                    config.tcp_max_connections_per_client,
+                ),
+                self.resolver.stats.refused,
+                config.dns_rate_limit,
             )
             if self.overlay is not None:
                 await self.overlay.start()

@@ -331,8 +331,9 @@ def test_fast_path_leaves_the_rest_to_the_full_path() -> None:
         assert RESOLVER._fast(message.to_wire(), False) is None
 
 
-def test_fast_path_truncates_what_does_not_fit() -> None:
-    """A large answer over UDP costs no more than a small one: TC=1 from pre-encoded bytes."""
+def test_fast_path_serves_the_subset_that_fits() -> None:
+    """A large answer over UDP costs no more than a small one: TC=1 with the records that
+    fit, from pre-encoded bytes."""
     for edns in (False, True):
         query = dns.message.make_query(
             "s100.sized.svc.cluster.local", "A", use_edns=0 if edns else False, payload=512
@@ -342,7 +343,7 @@ def test_fast_path_truncates_what_does_not_fit() -> None:
         assert fast is not None
         response = parse(fast)
         assert response.flags & dns.flags.TC
-        assert not response.answer
+        assert 0 < sum(len(rrset) for rrset in response.answer) < 100
         assert (response.edns >= 0) == edns
         assert_same(wire, False, fast)
 

@@ -34,11 +34,16 @@ from .records import (
     A,
     Answer,
     Negative,
-    Packed,
+    RecordSet,
     Soa,
     SrvTarget,
+    Stored,
     address_bytes,
+    address_part,
+    glue_record,
+    legal_name,
     name_to_wire,
+    srv_part,
     with_serial,
 )
 
@@ -57,6 +62,14 @@ class DnsSettings:
     dns_ttl: int
     negative_ttl: int
     ns_address: str | None = None  # glue for ns.dns.<zone> when the listener has one
+    max_answers: int = 0  # records per answer (a rotated subset); 0: as many as fit
+
+
+@dataclass(slots=True)
+class NameStats:
+    """Plain counters of the answer builder, read by metrics.py at scrape time."""
+
+    skipped: int = 0  # records left out: a name they need would be illegal (over 255 octets)
 
 
 @dataclass(slots=True)
@@ -75,10 +88,11 @@ class AnswerState:
     """Everything one registry revision answers with. Mutated only by `Answers`."""
 
     settings: DnsSettings
+    stats: NameStats = field(default_factory=NameStats)
     zones: list[Zone] = field(default_factory=list)
     names: dict[bytes, Zone] = field(default_factory=dict)  # every name that exists
     # the question as it is on the wire (name lower-cased, type, class IN) -> its answer
-    answers: dict[bytes, Packed] = field(default_factory=dict)
+    answers: dict[bytes, Stored] = field(default_factory=dict)
     # the same key -> Answer.cuts, for the answers with additional records
     cuts: dict[bytes, tuple[int, ...]] = field(default_factory=dict)
     revision: int = 0
@@ -191,6 +205,29 @@ class AnswerState:
                 self.cuts[key] = answer.cuts
         return wire
 
+    def publish(
+        self, wire: bytes, zone: Zone, types: dict[bytes, tuple[Stored, tuple[int, ...]]]
+    ) -> None:
+        """A name with stored answers (and their additional records' cuts) by type (wire);
+        replaces what it had."""
+        self._drop(wire)
+        self.names[wire] = zone
+        for qtype, (stored, cuts) in types.items():
+            key = wire + qtype + IN_WIRE
+            self.answers[key] = stored
+            if cuts:
+                self.cuts[key] = cuts
+
+    def drop(self, wire: bytes) -> None:
+        self._drop(wire)
+
+    def legal(self, wire: bytes, records: int = 1) -> bool:
+        """True when a name may be sent; else the records that needed it are counted."""
+        if legal_name(wire):
+            return True
+        self.stats.skipped += records
+        return False
+
     def own(self, owner: object, names: list[bytes]) -> None:
         self._owned[owner] = names
 
@@ -248,11 +285,12 @@ class Answers:
             ContainerNames(),
             DnsSdNames(),
         ]
-        self.state = AnswerState(settings)
+        self.stats = NameStats()
+        self.state = AnswerState(settings, self.stats)
         self.synced = False
 
     def reset(self, registry: Registry) -> None:
-        state = AnswerState(self.settings)
+        state = AnswerState(self.settings, self.stats)
         for source in self.sources:
             for key in source.keys(registry):
                 source.build(state, registry, key)
@@ -273,7 +311,7 @@ class Answers:
 
 def _label(text: str) -> bytes:
     raw = text.encode("ascii")
-    return bytes((len(raw),)) + raw
+    return bytes((min(len(raw), 255),)) + raw  # over 63: an illegal name, never sent
 
 
 def _service_wire(service: ServiceKey, zone: Zone) -> bytes:
@@ -290,74 +328,154 @@ def instance_name(key: InstanceKey, zone: str) -> str:
     return f"{key.name}.{key.service}.{key.namespace}.svc.{zone}"
 
 
+PortType = tuple[str, str]  # (port name, protocol)
+
+
 class ServiceNames:
-    """<svc>.<ns>.svc.Z (A/AAAA, SRV), <inst>.<svc>.<ns>.svc.Z, _<port>._<proto>.<svc>…"""
+    """<svc>.<ns>.svc.Z (A/AAAA, SRV), _<port>._<proto>.<svc>… (SRV), _<proto>.<svc>… (empty).
+
+    Each service keeps its answers as record sets (records.RecordSet) that a change updates
+    one instance at a time: a change to a service of any size costs the records of the
+    instances it touched. Small sets are re-encoded whole (bounded by records.EAGER)."""
+
+    def __init__(self) -> None:
+        self._services: dict[ServiceKey, _Service] = {}
+        self._changed: dict[ServiceKey, set[str] | None] = {}  # None: every instance
 
     def keys(self, registry: Registry) -> Iterable[object]:
-        return list(registry.services())
+        self._services.clear()
+        services = list(registry.services())
+        self._changed = dict.fromkeys(services)
+        return services
 
     def touched(self, changes: Changes) -> Iterable[object]:
+        for key in changes.instances:
+            names = self._changed.setdefault(key.service_key, set())
+            if names is not None:
+                names.add(key.name)
         return changes.services
 
     def build(self, state: AnswerState, registry: Registry, key: object) -> None:
         service: ServiceKey = key  # type: ignore[assignment]
-        state.release(("service", service))
-        instances = sorted(registry.instances(service).values(), key=lambda i: i.key.name)
-        if not instances:
-            return
-        by_type: dict[int, list[Instance]] = defaultdict(list)
-        by_port: dict[tuple[str, str], list[tuple[Instance, int]]] = defaultdict(list)
-        for instance in instances:
-            by_type[address_bytes(instance.spec.address)[0]].append(instance)
-            for port in instance.spec.ports:
-                by_port[(port.name, port.protocol)].append((instance, port.port))
-        all_ports = sorted(
-            (pair for pairs in by_port.values() for pair in pairs),
-            key=lambda pair: (pair[0].key.name, pair[1]),
-        )
-        owned: list[bytes] = []
-        for zone in state.forward:
-            base = _service_wire(service, zone)
-            types = {
-                TYPE_WIRE[rtype]: Answer.addresses(
-                    min(state.ttl(i.spec.ttl) for i in group), [i.spec.address for i in group]
-                )
-                for rtype, group in by_type.items()
-            }
-            all_targets = self._targets(state, all_ports, base)
-            if all_targets:
-                types[TYPE_WIRE[SRV]] = _srv(base, all_targets)
-            owned.append(state.node(base, zone, types))
-            protocols = set()
-            for (port_name, protocol), pairs in sorted(by_port.items()):
-                wire = _label(f"_{port_name}") + _label(f"_{protocol}") + base
-                # one named port (the usual case): the same targets as the service name's
-                targets = all_targets if pairs == all_ports else self._targets(state, pairs, base)
-                owned.append(state.node(wire, zone, {TYPE_WIRE[SRV]: _srv(wire, targets)}))
-                protocols.add(protocol)
-            for protocol in sorted(protocols):
-                owned.append(state.node(_label(f"_{protocol}") + base, zone, {}))
-            if ent := state.ent(f"{service[0]}.svc.{zone.name}", zone):
-                owned.append(ent)
-        state.own(("service", service), owned)
+        changed = self._changed.pop(service, None)
+        instances = registry.instances(service)
+        entry = self._services.get(service)
+        if entry is None:
+            entry = self._services[service] = _Service(service, state)
+            changed = None  # a service new to this source: every instance
+        for name in sorted(instances) if changed is None else sorted(changed):
+            entry.update(state, name, instances.get(name))
+        entry.publish(state)
+        if not entry.held:
+            del self._services[service]
 
-    @staticmethod
-    def _targets(
-        state: AnswerState, pairs: list[tuple[Instance, int]], base: bytes
-    ) -> list[SrvTarget]:
-        targets = [
-            SrvTarget(
-                (spec := instance.spec).priority,
-                spec.weight,
-                port,
-                _label(instance.key.name) + base,
-                spec.address,
-                state.ttl(spec.ttl),
-            )
-            for instance, port in pairs
+
+class _Service:
+    def __init__(self, service: ServiceKey, state: AnswerState) -> None:
+        self.service = service
+        limit = state.settings.max_answers
+        self.limit = limit
+        self.bases = [(zone, _service_wire(service, zone)) for zone in state.forward]
+        self.addresses: dict[int, RecordSet] = {
+            A: RecordSet(A, limit),
+            AAAA: RecordSet(AAAA, limit),
+        }
+        self.srv = [RecordSet(SRV, limit) for _ in self.bases]  # every named port, per zone
+        self.ports: dict[PortType, list[RecordSet]] = {}  # one named port, per zone
+        # instance -> its records: the set, the key in it, the named port's type (if one)
+        self.held: dict[str, list[tuple[RecordSet, object, PortType | None]]] = {}
+        self.dirty: set[PortType] = set()
+        self.ent = False  # holds <ns>.svc.Z
+
+    def update(self, state: AnswerState, name: str, instance: Instance | None) -> None:
+        for records, key, port_type in self.held.pop(name, ()):
+            records.remove(key)
+            if port_type is not None:
+                self.dirty.add(port_type)
+        if instance is None:
+            return
+        spec = instance.spec
+        ttl = state.ttl(spec.ttl)
+        rtype, part = address_part(spec.address)
+        held: list[tuple[RecordSet, object, PortType | None]] = [
+            (self.addresses[rtype], name, None)
         ]
-        # one port number under two protocols is one SRV record (RFC 2181 5: no duplicates)
-        return list(dict.fromkeys(targets))
+        self.addresses[rtype].put(name, part, ttl)
+        glue = glue_record(spec.address, ttl)
+        numbers = sorted({port.port for port in spec.ports})
+        named = sorted({(port.name, port.protocol, port.port) for port in spec.ports})
+        label = _label(name)
+        for index, (_, base) in enumerate(self.bases):
+            target = label + base
+            if not state.legal(target, len(numbers) + len(named)):
+                continue
+            for number in numbers:
+                record = srv_part(spec.priority, spec.weight, number, target)
+                self.srv[index].put((name, number), record, ttl, (target, glue))
+                held.append((self.srv[index], (name, number), None))
+            for port_name, protocol, number in named:
+                port_type = (port_name, protocol)
+                sets = self.ports.get(port_type)
+                if sets is None:
+                    sets = self.ports[port_type] = [RecordSet(SRV, self.limit) for _ in self.bases]
+                record = srv_part(spec.priority, spec.weight, number, target)
+                sets[index].put((name, number), record, ttl, (target, glue))
+                held.append((sets[index], (name, number), port_type))
+                self.dirty.add(port_type)
+        self.held[name] = held
+
+    def publish(self, state: AnswerState) -> None:
+        """Set the service's names in the state from its record sets."""
+        for index, (zone, base) in enumerate(self.bases):
+            offset = 12 + len(base) + 4
+            types: dict[bytes, tuple[Stored, tuple[int, ...]]] = {}
+            for rtype, records in self.addresses.items():
+                if len(records):
+                    types[TYPE_WIRE[rtype]] = _stored(records, offset)
+            if len(self.srv[index]):
+                types[TYPE_WIRE[SRV]] = _stored(self.srv[index], offset)
+            if types and state.legal(base, len(types)):
+                state.publish(base, zone, types)
+            else:
+                state.drop(base)
+            protocols: dict[str, bool] = {}
+            for port_type, sets in self.ports.items():
+                present = bool(len(sets[index]))
+                protocols[port_type[1]] = protocols.get(port_type[1], False) or present
+                if port_type not in self.dirty:
+                    continue
+                wire = _label(f"_{port_type[0]}") + _label(f"_{port_type[1]}") + base
+                if present and state.legal(wire):
+                    srv = {TYPE_WIRE[SRV]: _stored(sets[index], 12 + len(wire) + 4)}
+                    state.publish(wire, zone, srv)
+                else:
+                    state.drop(wire)
+            for protocol, present in protocols.items():
+                wire = _label(f"_{protocol}") + base
+                if present and legal_name(wire):
+                    if wire not in state.names:
+                        state.publish(wire, zone, {})
+                else:
+                    state.drop(wire)
+        for port_type in [t for t, sets in self.ports.items() if not any(map(len, sets))]:
+            del self.ports[port_type]
+        self.dirty.clear()
+        if self.held and not self.ent:
+            owned = [
+                state.ent(f"{self.service[0]}.svc.{zone.name}", zone) for zone, _ in self.bases
+            ]
+            state.own(("service", self.service), [wire for wire in owned if wire])
+            self.ent = True
+        elif not self.held and self.ent:
+            state.release(("service", self.service))
+            self.ent = False
+
+
+def _stored(records: RecordSet, offset: int) -> tuple[Stored, tuple[int, ...]]:
+    """A small set encoded whole (served like any pre-encoded answer), else the set."""
+    if records.small:
+        return records.packed(offset)
+    return records, ()
 
 
 class InstanceNames:
@@ -383,12 +501,10 @@ class InstanceNames:
             )
         }
         label = _label(instance_key.name)
+        wires = [(label + _service_wire(instance_key.service_key, z), z) for z in state.forward]
         state.own(
             instance_key,
-            [
-                state.node(label + _service_wire(instance_key.service_key, zone), zone, answer)
-                for zone in state.forward
-            ],
+            [state.node(wire, zone, answer) for wire, zone in wires if state.legal(wire)],
         )
 
 
@@ -426,11 +542,14 @@ class ReverseNames:
         reverse = _reverse_name(address)
         zone = state.zone_of(reverse)
         assert zone is not None
-        apex = state.apex
         # Many instances may share a node's address: name the first few in name order
         # (the same on every replica, however their updates arrived), so the answer stays
         # small and a change costs one pass over the holders, not a sort.
         named = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_holder_order)
+        apex = state.apex
+        named = [holder for holder in named if state.legal(_holder_wire(holder, apex))]
+        if not named:
+            return
         ttl = min(_holder_ttl(state, h) for h in named)
         if len(named) == 1:
             answer = Answer.pointers(ttl, [_holder_wire(named[0], apex)])
@@ -489,8 +608,11 @@ class ContainerNames:
         ttl = state.settings.dns_ttl
         owned = []
         for zone in state.forward:
+            wire = _container_wire(container, zone)
+            if not state.legal(wire):
+                continue
             types = {TYPE_WIRE[t]: Answer.addresses(ttl, group) for t, group in by_type.items()}
-            owned.append(state.node(_container_wire(container, zone), zone, types))
+            owned.append(state.node(wire, zone, types))
             if ent := state.ent(f"{container[0]}.net.{zone.name}", zone):
                 owned.append(ent)
         state.own(("container", container), owned)
@@ -514,8 +636,6 @@ class ContainerNames:
 _SERVICES = b"\x09_services\x07_dns-sd\x04_udp"  # the service type enumeration (RFC 6763 9)
 _TO_QUESTION = b"\xc0\x0c"
 _PTR_IN = PTR.to_bytes(2, "big") + IN.to_bytes(2, "big")
-
-PortType = tuple[str, str]  # (port name, protocol)
 
 
 def _namespace_wire(namespace: str, zone_wire: bytes) -> bytes:
@@ -615,6 +735,10 @@ class DnsSdNames:
                 by_type[(port.name, port.protocol)].append((instance, port.port))
         if not services:
             self._named.pop((namespace, name), None)
+        longest = max(state.forward, key=lambda zone: len(zone.wire))
+        base = _namespace_wire(namespace, longest.wire)
+        for port_type in [t for t in by_type if not legal_name(_label(name) + _type_wire(t, base))]:
+            state.stats.skipped += len(by_type.pop(port_type))
         types = {
             port_type: min(state.ttl(instance.spec.ttl) for instance, _ in pairs)
             for port_type, pairs in by_type.items()
@@ -635,12 +759,15 @@ class DnsSdNames:
                         instance.spec.priority,
                         instance.spec.weight,
                         port,
-                        _label(name) + _label(instance.key.service) + base,
+                        target,
                         instance.spec.address,
                         state.ttl(instance.spec.ttl),
                     )
                     for instance, port in pairs
+                    if state.legal(target := _label(name) + _label(instance.key.service) + base)
                 ]
+                if not targets:
+                    continue
                 wire = _label(name) + _type_wire(port_type, base)
                 answers = {
                     TYPE_WIRE[SRV]: Answer.services(wire, types[port_type], targets),

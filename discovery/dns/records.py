@@ -10,11 +10,13 @@ points into the question, so the client's spelling (0x20) never leaks into recor
 
 from __future__ import annotations
 
+import bisect
 import functools
 import socket
 import struct
+from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 A, NS, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 6, 12, 16, 28, 33, 41, 255
 IXFR, AXFR = 251, 252
@@ -329,3 +331,220 @@ class Negative:
 
     def with_serial(self, serial: int) -> Negative:
         return Negative(with_serial(self.packed, serial), with_serial(self.body, serial))
+
+
+EAGER = 32  # an answer of at most this many records is encoded whole on every change
+WINDOW_CACHE = 512  # windows kept per record set (a change drops them all)
+MAX_LABEL, MAX_NAME = 63, 255  # octets (RFC 1035 2.3.4)
+
+
+def legal_name(wire: bytes) -> bool:
+    """A wire name (uncompressed) within the limits: labels of 1-63 octets, 255 in all."""
+    if len(wire) > MAX_NAME:
+        return False
+    at = 0
+    while (length := wire[at]) != 0:
+        if length > MAX_LABEL:
+            return False
+        at += length + 1
+    return at == len(wire) - 1
+
+
+class Served(NamedTuple):
+    """What a query gets of a positive answer: `head` is the counts without and with an OPT
+    record (16 bytes), `body` the records, within the room asked for; `cut`: answer records
+    were left out for size (TC=1 over UDP)."""
+
+    head: bytes
+    body: bytes
+    cut: bool
+
+
+def fit_glue(head: bytes, body: bytes, cuts: tuple[int, ...], room: int) -> tuple[bytes, bytes]:
+    """Keep the answer records (body[:cuts[0]]) and as many whole additional RRsets as fit."""
+    kept = bisect.bisect_right(cuts, room) - 1
+    an = head[2] << 8 | head[3]
+    return counts(an, 0, kept) + counts(an, 0, kept + 1), body[: cuts[kept]]
+
+
+class RecordSet:
+    """The records of one answer kept one by one, in key order (an instance's name), so that
+    a change to one record costs an insertion, not a new encoding of all of them.
+
+    Each record is stored without its owner (a pointer to the question), type, class and TTL,
+    which every record of the set shares (the TTL is the smallest of the records'), and an SRV
+    record with its target's glue. A query gets a window of the set: every record when they all
+    fit (rotated for addresses, as `Rotating`), else k records that fit, window w = query ID mod
+    the number of windows, rotated within the window for addresses. Windows are built when first
+    asked for and kept until the next change: the work of one query is bounded by what fits one
+    message, never by the size of the set.
+    """
+
+    def __init__(self, rtype: int, limit: int = 0) -> None:
+        self.rtype = rtype
+        self.limit = limit  # most records per answer (--max-answers); 0: as many as fit
+        self.rotate = rtype in (A, AAAA)
+        self._glue_room = 2 + _ADDRESS_FIELDS.size + 16 if rtype == SRV else 0
+        self.keys: list[Any] = []
+        self.parts: list[bytes] = []  # RDLENGTH and RDATA of each record
+        self.ttls: list[int] = []
+        self.glue: list[tuple[bytes, bytes] | None] = []  # (target, the record after its owner)
+        self._ttl_counts: Counter[int] = Counter()
+        self._size_counts: Counter[int] = Counter()
+        self.total = 0  # bytes of every record, with owner, type, class and TTL
+        self._windows: dict[tuple[int, int], Any] = {}
+        self._whole: dict[int, tuple[Packed, tuple[int, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def put(self, key: Any, part: bytes, ttl: int, glue: tuple[bytes, bytes] | None = None) -> None:
+        at = bisect.bisect_left(self.keys, key)
+        if at < len(self.keys) and self.keys[at] == key:
+            self._count(at, -1)
+            self.parts[at], self.ttls[at], self.glue[at] = part, ttl, glue
+        else:
+            self.keys.insert(at, key)
+            self.parts.insert(at, part)
+            self.ttls.insert(at, ttl)
+            self.glue.insert(at, glue)
+        self._count(at, 1)
+        self._changed()
+
+    def remove(self, key: Any) -> None:
+        at = bisect.bisect_left(self.keys, key)
+        if at < len(self.keys) and self.keys[at] == key:
+            self._count(at, -1)
+            del self.keys[at], self.parts[at], self.ttls[at], self.glue[at]
+            self._changed()
+
+    def _count(self, at: int, step: int) -> None:
+        for counter, value in (
+            (self._ttl_counts, self.ttls[at]),
+            (self._size_counts, len(self.parts[at])),
+        ):
+            counter[value] += step
+            if not counter[value]:
+                del counter[value]
+        self.total += step * (10 + len(self.parts[at]))
+
+    def _changed(self) -> None:
+        self._windows.clear()
+        self._whole.clear()
+
+    @property
+    def small(self) -> bool:
+        """Encoded whole on every change (and served like any pre-encoded answer)."""
+        return len(self.keys) <= EAGER and (not self.limit or len(self.keys) <= self.limit)
+
+    def packed(self, base: int) -> tuple[Packed, tuple[int, ...]]:
+        """The whole answer as the resolver serves pre-encoded ones, with its glue's cuts;
+        `base` is where the records start in a message (12 + the question's length)."""
+        whole = self._whole.get(base)
+        if whole is None:
+            n = len(self.keys)
+            if self.rotate:
+                head, body = self._records(0, n)
+                size = len(body) // n
+                rotating = (
+                    counts(n, 0, 0) + counts(n, 0, 1) + body + body[:-size],
+                    n,
+                    size,
+                    len(body),
+                )
+                whole = self._whole[base] = (
+                    rotating if n > 1 else rotating[0][: PACKED_HEAD + size],
+                    (),
+                )
+            else:
+                head, body, cuts = self._glued(0, n, base)
+                whole = self._whole[base] = (head + body, cuts)
+        return whole
+
+    def window(self, qid: int, room: int, base: int) -> Served | None:
+        """The records a query with `room` bytes for them gets (None: not even one fits)."""
+        n = len(self.keys)
+        limit = min(n, self.limit) if self.limit else n
+        if limit == n and self.total <= room:
+            k = n
+        else:
+            # the longest record, with room for an address as its glue (owner a pointer)
+            k = min(limit, room // (10 + max(self._size_counts) + self._glue_room))
+            if k == 0:
+                return None
+        cut = k < limit
+        windows = -(-n // k)
+        w = qid % windows
+        if self.rotate:
+            cached = self._windows.get((k, w))
+            if cached is None:
+                if len(self._windows) >= WINDOW_CACHE:
+                    self._windows.clear()
+                head, body = self._records(w * k, k)
+                cached = self._windows[(k, w)] = (head, body + body[: -(len(body) // k)])
+            head, doubled = cached
+            size = len(doubled) // (2 * k - 1)
+            at = (qid // windows) % k * size
+            return Served(head, doubled[at : at + k * size], cut)
+        cached = self._windows.get((k, w))
+        if cached is None:
+            if len(self._windows) >= WINDOW_CACHE:
+                self._windows.clear()
+            cached = self._windows[(k, w)] = self._glued(w * k, k, base)
+        head, body, cuts = cached
+        if len(body) > room:
+            head, body = fit_glue(head, body, cuts, room)
+        return Served(head, body, cut)
+
+    def _slice(self, items: list[Any], start: int, k: int) -> list[Any]:
+        end = start + k
+        if end <= len(items):
+            return items[start:end]
+        return items[start:] + items[: end - len(items)]
+
+    def _records(self, start: int, k: int) -> tuple[bytes, bytes]:
+        """Counts (without and with OPT) and the bytes of k records from `start` on."""
+        owner = _POINTER_TO_QUESTION + _fixed(self.rtype, min(self._ttl_counts))
+        parts = self._slice(self.parts, start, k)
+        return counts(k, 0, 0) + counts(k, 0, 1), owner + owner.join(parts)
+
+    def _glued(self, start: int, k: int, base: int) -> tuple[bytes, bytes, tuple[int, ...]]:
+        """The same with each target's glue (once per target), whose owner points at the
+        target in its record where the offset can be expressed."""
+        _, records = self._records(start, k)
+        glue = []
+        seen: set[bytes] = set()
+        offset = base
+        for part, target in zip(
+            self._slice(self.parts, start, k), self._slice(self.glue, start, k), strict=True
+        ):
+            if target is not None and target[0] not in seen:
+                seen.add(target[0])
+                pointer = offset + 10 + len(part) - len(target[0])
+                owner = (0xC000 | pointer).to_bytes(2, "big") if pointer <= 0x3FFF else target[0]
+                glue.append(owner + target[1])
+            offset += 10 + len(part)
+        cuts = [len(records)]
+        for record in glue:
+            cuts.append(cuts[-1] + len(record))
+        head = counts(k, 0, len(glue)) + counts(k, 0, len(glue) + 1)
+        return head, records + b"".join(glue), tuple(cuts) if glue else ()
+
+
+Stored = bytes | Rotating | RecordSet  # what AnswerState.answers holds for a question
+
+
+def address_part(address: str) -> tuple[int, bytes]:
+    """(A or AAAA, RDLENGTH and RDATA) of an address record."""
+    rtype, packed = address_bytes(address)
+    return rtype, len(packed).to_bytes(2, "big") + packed
+
+
+def glue_record(address: str, ttl: int) -> bytes:
+    """An address record after its owner name: the glue of an SRV target."""
+    rtype, packed = address_bytes(address)
+    return _ADDRESS_FIELDS.pack(rtype, IN, ttl, len(packed)) + packed
+
+
+def srv_part(priority: int, weight: int, port: int, target: bytes) -> bytes:
+    return _SRV_FIELDS.pack(6 + len(target), priority, weight, port) + target

@@ -8,7 +8,6 @@ applies every rule of the contract; tests check both give the same answers.
 
 from __future__ import annotations
 
-import bisect
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +34,10 @@ from .records import (
     STORED_TYPES,
     TYPE_WIRE,
     ZONE_TRANSFERS,
-    turned,
+    RecordSet,
+    Served,
+    Stored,
+    fit_glue,
 )
 from .records import counts as record_counts
 
@@ -90,6 +92,7 @@ class Stats:
     dropped: int = 0
     truncated: int = 0
     forwarded: int = 0  # sent on to an upstream (answers from the forward cache count as fast)
+    refused: Counter[str] = field(default_factory=Counter)  # by a limit, by reason (transport)
 
 
 class Resolver:
@@ -105,6 +108,8 @@ class Resolver:
         self._nx = _flag_table(NXDOMAIN, True, self.recursion)
         self._tc = _flag_table(NOERROR, True, self.recursion, tc=True)
         self._zone_memo: dict[bytes, Zone | None] = {}
+        # (question, room) -> (answer, records, bytes) of the first records that fit the room
+        self._prefixes: dict[tuple[bytes, int], tuple[bytes, int, int]] = {}
 
     def answer(self, query: bytes, tcp: bool = False) -> bytes | Pending | None:
         """The response to a query, a coroutine producing it (forwarded), or None when the
@@ -165,16 +170,27 @@ class Resolver:
         room = (TCP_MAX if tcp else limit) - qend - (_OPT_FIXED if edns else 0)
         if found is not None:
             flags = self._ok
-            if isinstance(found, tuple):  # Rotating: from record (query ID mod count) on
-                head, count, record, span = found
-                if span <= room:
-                    cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * record
-                    body = head[cut : cut + span]
-                else:
-                    body = head  # too long as well: truncated below, never sent
-            else:
-                body = found[PACKED_HEAD:]
+            if isinstance(found, bytes) and len(found) - PACKED_HEAD <= room:
                 head = found
+                body = found[PACKED_HEAD:]
+            elif isinstance(found, tuple) and found[3] <= room:  # Rotating, whole
+                head, count, record, span = found
+                cut = PACKED_HEAD + (q[0] << 8 | q[1]) % count * record
+                body = head[cut : cut + span]
+            else:  # too big for the room, or a record set: a part of it
+                served = self.served(key, found, q[0] << 8 | q[1], room)
+                if served is None:
+                    if tcp:
+                        return None  # not one record fits 64 KiB: the full path
+                    # Not even one record fits: TC=1 and no records (RFC 2181 9).
+                    self.stats.truncated += 1
+                    counts = _EMPTY_EDNS if edns else _EMPTY
+                    head, body, flags = counts + counts, b"", self._tc
+                else:
+                    head, body, cut_short = served
+                    if cut_short and not tcp:  # records left out: the client may ask by TCP
+                        self.stats.truncated += 1
+                        flags = self._tc
         else:
             if q[end + _QCLASS : qend] != _IN:
                 return None  # not class IN
@@ -199,26 +215,48 @@ class Resolver:
             negative = zone.negative
             head = negative.packed
             body = negative.body
+            if len(body) > room:
+                return None  # a long zone name in a small message: the full path
         counts = head[8:PACKED_HEAD] if edns else head[:8]
-        if len(body) > room:
-            if tcp or found is None:
-                return None  # over 64 KiB: the full path decides what to keep
-            cuts = state.cuts.get(key)
-            if cuts and cuts[0] <= room:
-                # Keep the answer and as many whole additional RRsets as fit: no TC.
-                kept = bisect.bisect_right(cuts, room) - 1
-                body = body[: cuts[kept]]
-                counts = record_counts(head[2] << 8 | head[3], 0, kept + edns)
-            else:
-                # Not even the answer section fits: TC=1 and no records (RFC 2181 9).
-                self.stats.truncated += 1
-                flags = self._tc
-                body = b""
-                counts = _EMPTY_EDNS if edns else _EMPTY
         flag = flags[(q[_FLAGS_HIGH] & 1) | (q[_FLAGS_LOW] & 0x10) >> 3]  # RD | CD << 1
         if edns:
             return b"".join((q[_ID], flag, counts, question, body, OPT_RECORD))
         return b"".join((q[_ID], flag, counts, question, body))
+
+    def served(self, key: bytes, found: Stored, qid: int, room: int) -> Served | None:
+        """The part of a positive answer that a query gets when the whole does not fit its
+        room (or is a record set): the answer records and as many whole additional RRsets as
+        fit (no TC); else as many answer records as fit, a rotated subset for a record set or
+        addresses, marked cut (TC=1 over UDP); None when not even one record fits. The fast
+        and the full path both take this, so they answer alike."""
+        if isinstance(found, RecordSet):
+            return found.window(qid, room, _HEADER + len(key))
+        if isinstance(found, tuple):  # Rotating: from record (query ID mod count) on
+            data, count, record, span = found
+            at = PACKED_HEAD + qid % count * record
+            if span <= room:
+                return Served(data[:PACKED_HEAD], data[at : at + span], False)
+            k = room // record
+            if k == 0:
+                return None
+            head = record_counts(k, 0, 0) + record_counts(k, 0, 1)
+            return Served(head, data[at : at + k * record], True)
+        body = found[PACKED_HEAD:]
+        if len(body) <= room:
+            return Served(found[:PACKED_HEAD], body, False)
+        cuts = self.answers.state.cuts.get(key)
+        if cuts and cuts[0] <= room:  # the answer fits, not all of its additional records
+            head, body = fit_glue(found, body, cuts, room)
+            return Served(head, body, False)
+        memo = self._prefixes.get((key, room))
+        if memo is None or memo[0] is not found:
+            if len(self._prefixes) >= _ZONE_MEMO_SIZE:
+                self._prefixes.clear()
+            memo = self._prefixes[(key, room)] = (found, *_records_within(found, room))
+        _, k, end = memo
+        if k == 0:
+            return None
+        return Served(record_counts(k, 0, 0) + record_counts(k, 0, 1), body[:end], True)
 
     def _zone_of_wire(self, q: bytes, end: int, name: bytes) -> Zone | None:
         """The zone of a well-formed question name ending at `end`, lower-cased as `name`
@@ -340,11 +378,20 @@ class Resolver:
         if found is None:
             reply.add_auth(_negative_soa(zone))
             return self._finish(reply, query, NOERROR, limit)
-        # The records are read back from the pre-encoded bytes: one source of truth. The
-        # rotation is the fast path's: the one starting at record (query ID mod count).
-        counts, body = turned(found, header.id)
-        message = b"\x00\x00\x84\x00" + counts + wire + b"\x00\x01\x00\x01"
-        records = DNSRecord.parse(message + body)
+        # The records are read back from the pre-encoded bytes: one source of truth. What
+        # is served of them is the fast path's choice (the same rotation, the same subset).
+        key = wire + qtype.to_bytes(2, "big") + _IN
+        room = limit - _HEADER - len(key) - (_OPT_FIXED if opts else 0)
+        served = self.served(key, found, header.id, room)
+        if served is None:
+            reply.header.tc = 1
+            self.stats.truncated += 1
+            return self._finish(reply, query, NOERROR, limit)
+        if served.cut and not tcp:
+            reply.header.tc = 1
+            self.stats.truncated += 1
+        message = b"\x00\x00\x84\x00" + served.head[:8] + wire + b"\x00\x01\x00\x01"
+        records = DNSRecord.parse(message + served.body)
         for rr in records.rr:
             rr.rname = question.qname  # owners point at the question: echo it as sent
             reply.add_answer(rr)
@@ -393,6 +440,20 @@ class Resolver:
         reply.header.tc = 1
         self.stats.truncated += 1
         return bytes(reply.pack())
+
+
+def _records_within(packed: bytes, room: int) -> tuple[int, int]:
+    """How many answer records of a pre-encoded answer fit in `room` bytes, and their
+    length. Answer records are owned by the question (a pointer), so each is 12 bytes and
+    its RDATA; a prefix of them is a valid answer (compression points backwards only)."""
+    an = packed[2] << 8 | packed[3]
+    at, end, k = PACKED_HEAD, 0, 0
+    while k < an:
+        nxt = at + 12 + (packed[at + 10] << 8 | packed[at + 11])
+        if nxt - PACKED_HEAD > room:
+            break
+        at, end, k = nxt, nxt - PACKED_HEAD, k + 1
+    return k, end
 
 
 def _zone_of_labels(zones: list[Zone], labels: tuple[bytes, ...]) -> Zone | None:

@@ -1,7 +1,13 @@
-"""DNS over UDP and TCP (RFC 7766): framing only; every answer comes from the resolver.
+"""DNS over UDP and TCP (RFC 7766): framing and the limits on each client; every answer
+comes from the resolver.
 
 An answer is bytes, None (drop the query), or a coroutine (a forwarded query): the latter runs
 as a task and its response is sent when it is ready, out of order on TCP (RFC 7766 6.2.1.1).
+
+Limits: open TCP connections in all and per client address, a deadline for each TCP message
+from its first byte (a client trickling bytes cannot hold a connection), an idle timeout
+between messages, and optionally queries per second per client address. Every refusal is
+counted by reason in `refusals` (plain integers, read by metrics.py at scrape time).
 """
 
 from __future__ import annotations
@@ -10,18 +16,69 @@ import asyncio
 import functools
 import logging
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
 Answerer = Callable[[bytes, bool], bytes | Coroutine[Any, Any, bytes] | None]
 UDP_BUFFER = 4 * 1024 * 1024  # room for bursts while the loop is busy
+# the reasons of discovery_dns_refused_total: each a limit that refused a client
+REFUSAL_REASONS = ("tcp_connections", "tcp_client_connections", "tcp_message_timeout", "rate_limit")
+
+
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    idle_timeout: float = 10.0  # between whole messages
+    message_timeout: float = 2.0  # from a message's first byte to its last
+    max_connections: int = 1024
+    max_per_client: int = 16
+
+
+class RateLimiter:
+    """Queries per second per client address: a token bucket holding one second's worth.
+    The table of addresses is bounded (a flood from spoofed addresses cannot grow it)."""
+
+    MAX_CLIENTS = 65536
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+
+    def allow(self, address: str) -> bool:
+        now = time.monotonic()
+        bucket = self.buckets.get(address)
+        if bucket is None:
+            if len(self.buckets) >= self.MAX_CLIENTS:
+                self._prune(now)
+            tokens = self.burst
+        else:
+            tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        if tokens < 1.0:
+            self.buckets[address] = (tokens, now)
+            return False
+        self.buckets[address] = (tokens - 1.0, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget clients whose bucket has filled up again (they lose nothing by it)."""
+        full = [
+            a for a, (t, at) in self.buckets.items() if t + (now - at) * self.rate >= self.burst
+        ]
+        for address in full:
+            del self.buckets[address]
+        if len(self.buckets) >= self.MAX_CLIENTS:
+            self.buckets.clear()
 
 
 class UdpResponder(asyncio.DatagramProtocol):
-    def __init__(self, answer: Answerer) -> None:
+    def __init__(self, answer: Answerer, refusals: Counter[str] | None = None) -> None:
         self.answer = answer
+        self.refusals: Counter[str] = Counter() if refusals is None else refusals
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: set[asyncio.Task[bytes]] = set()
 
@@ -65,6 +122,21 @@ class UdpResponder(asyncio.DatagramProtocol):
             task.cancel()
 
 
+class RateLimitedUdpResponder(UdpResponder):
+    """The same with --dns-rate-limit: a query over the client's rate is dropped (a
+    subclass, so that the unlimited listener pays nothing for the check)."""
+
+    def __init__(self, answer: Answerer, refusals: Counter[str], limiter: RateLimiter) -> None:
+        super().__init__(answer, refusals)
+        self.limiter = limiter
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.limiter.allow(addr[0]):
+            self.refusals["rate_limit"] += 1
+            return
+        super().datagram_received(data, addr)
+
+
 def _result(task: asyncio.Task[bytes]) -> bytes | None:
     if task.cancelled():
         return None
@@ -76,14 +148,28 @@ def _result(task: asyncio.Task[bytes]) -> bytes | None:
 
 
 class TcpConnections:
-    """Live TCP connections: the cap on their number and the idle timeout."""
+    """Live TCP connections: the caps on their number, in all and per client, and the
+    timeouts."""
 
-    def __init__(self, answer: Answerer, idle_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        answer: Answerer,
+        limits: TcpLimits,
+        refusals: Counter[str] | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.answer = answer
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
+        self.limits = limits
+        self.idle_timeout = limits.idle_timeout
+        self.refusals: Counter[str] = Counter() if refusals is None else refusals
+        self.limiter = limiter
         self.open: set[TcpResponder] = set()
-        self.refused = 0
+        self.clients: dict[str, int] = {}  # open connections per client address
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at a connection cap."""
+        return self.refusals["tcp_connections"] + self.refusals["tcp_client_connections"]
 
     def protocol(self) -> TcpResponder:
         return TcpResponder(self)
@@ -99,34 +185,62 @@ class TcpResponder(asyncio.Protocol):
     def __init__(self, owner: TcpConnections) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
+        self.client: str | None = None  # the address counted against the per-client cap
         self.buffer = bytearray()
         self.idle: asyncio.TimerHandle | None = None
+        self.partial = False  # a message has begun: its deadline runs
         self.paused = False
         self.pending: set[asyncio.Task[bytes]] = set()
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        if len(self.owner.open) >= self.owner.max_connections:
-            self.owner.refused += 1
-            self.transport.abort()
+        owner = self.owner
+        if len(owner.open) >= owner.limits.max_connections:
+            self._refuse("tcp_connections")
             return
-        self.owner.open.add(self)
-        self._arm()
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        count = owner.clients.get(client, 0)
+        if count >= owner.limits.max_per_client:
+            self._refuse("tcp_client_connections")
+            return
+        owner.clients[client] = count + 1
+        self.client = client
+        owner.open.add(self)
+        self._arm(owner.limits.idle_timeout, self.close)
+
+    def _refuse(self, reason: str) -> None:
+        self.owner.refusals[reason] += 1
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.open.discard(self)
+        owner = self.owner
+        owner.open.discard(self)
+        if self.client is not None:
+            left = owner.clients[self.client] - 1
+            if left:
+                owner.clients[self.client] = left
+            else:
+                del owner.clients[self.client]
+            self.client = None
         if self.idle is not None:
             self.idle.cancel()
         self.transport = None
         for task in self.pending:
             task.cancel()
 
-    def _arm(self) -> None:
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         if self.idle is not None:
             self.idle.cancel()
         loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(self.owner.idle_timeout, self.close)
+        self.idle = loop.call_later(delay, callback)
+
+    def _late(self) -> None:
+        """A message not whole by its deadline: the client trickles, or is gone."""
+        self.owner.refusals["tcp_message_timeout"] += 1
+        self.close()
 
     def close(self, grace: bool = True) -> None:
         """Close once pending answers are written; reset if the client does not read them
@@ -149,17 +263,26 @@ class TcpResponder(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self._arm()
         self._drain()
 
     def _drain(self) -> None:
+        """Answer every whole message in the buffer, then time what is left: the idle
+        timeout when nothing is, a deadline from now when a message has begun (bytes that
+        do not finish it never extend that deadline)."""
         buffer = self.buffer
+        answered = False
         while not self.paused and self.transport is not None and len(buffer) >= 2:
             size = buffer[0] << 8 | buffer[1]
             if len(buffer) < 2 + size:
-                return
+                break
             query = bytes(buffer[2 : 2 + size])
             del buffer[: 2 + size]
+            answered = True
+            limiter = self.owner.limiter
+            if limiter is not None and not limiter.allow(self.client or ""):
+                self.owner.refusals["rate_limit"] += 1
+                self.close()  # RFC 7766 6.2.4: close rather than leave a query unanswered
+                return
             try:
                 response = self.owner.answer(query, True)
             except Exception:
@@ -174,6 +297,16 @@ class TcpResponder(asyncio.Protocol):
             task = asyncio.ensure_future(response)
             self.pending.add(task)
             task.add_done_callback(self._write_later)
+        if self.transport is None or self.transport.is_closing():
+            return
+        if answered or not self.partial:
+            limits = self.owner.limits
+            if buffer and not self.paused:
+                self.partial = True
+                self._arm(limits.message_timeout, self._late)
+            else:  # idle, or waiting for the client to read its answers
+                self.partial = False
+                self._arm(limits.idle_timeout, self.close)
 
     def _write_later(self, task: asyncio.Task[bytes]) -> None:
         self.pending.discard(task)
@@ -206,13 +339,22 @@ async def open_listeners(
     udp_sock: socket.socket,
     tcp_sock: socket.socket,
     answer: Answerer,
-    idle_timeout: float,
-    max_connections: int,
+    limits: TcpLimits,
+    refusals: Counter[str] | None = None,
+    rate_limit: float = 0.0,
 ) -> tuple[asyncio.DatagramTransport, asyncio.Server, TcpConnections]:
     """Serve UDP and TCP on sockets bound already (by this process or its parent)."""
     loop = asyncio.get_running_loop()
-    connections = TcpConnections(answer, idle_timeout, max_connections)
-    udp, _ = await loop.create_datagram_endpoint(lambda: UdpResponder(answer), sock=udp_sock)
+    counted: Counter[str] = Counter() if refusals is None else refusals
+    limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
+    connections = TcpConnections(answer, limits, counted, limiter)
+
+    def udp_protocol() -> UdpResponder:
+        if limiter is None:
+            return UdpResponder(answer, counted)
+        return RateLimitedUdpResponder(answer, counted, limiter)
+
+    udp, _ = await loop.create_datagram_endpoint(udp_protocol, sock=udp_sock)
     try:
         tcp = await loop.create_server(connections.protocol, sock=tcp_sock, backlog=1024)
     except BaseException:
