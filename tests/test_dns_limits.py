@@ -18,7 +18,8 @@ import dns.rcode
 import pytest
 from test_resolver import PREFIX, Reg, http, make_cache, put, query
 
-from discovery.config import Config, ConfigError, normalize_zone
+from discovery.cli import build_parser, config_from
+from discovery.config import Config, ConfigError, env_name, normalize_zone
 from discovery.dns.resolver import Resolver
 from discovery.model import InstanceKey
 from discovery.store.base import Event, EventType
@@ -363,3 +364,29 @@ def test_zone_too_long_for_any_name_is_refused_at_start(length: int, accepted: b
     else:
         with pytest.raises(ConfigError, match="no room"):
             normalize_zone(zone)
+
+
+# the flags: each from the command line and from its DISCOVERY_* variable, validated once
+
+FLAGS = [
+    ("--tcp-message-timeout", "0.5", "tcp_message_timeout", 0.5, "0"),
+    ("--tcp-max-connections-per-client", "4", "tcp_max_connections_per_client", 4, "0"),
+    ("--dns-rate-limit", "100", "dns_rate_limit", 100, "-1"),
+    ("--max-answers", "8", "max_answers", 8, "-3"),
+]
+
+
+@pytest.mark.parametrize(("flag", "text", "attribute", "value", "bad"), FLAGS)
+def test_dns_limit_flags(flag: str, text: str, attribute: str, value: float, bad: str) -> None:
+    parser = build_parser()
+    from_flag = config_from(parser.parse_args(["serve", flag, text]), {})
+    from_env = config_from(parser.parse_args(["serve"]), {env_name(flag): text})
+    assert getattr(from_flag, attribute) == getattr(from_env, attribute) == value
+    with pytest.raises(ConfigError, match=flag):
+        config_from(parser.parse_args(["serve", flag, bad]), {})
+
+
+def test_dns_limit_defaults() -> None:
+    config = config_from(build_parser().parse_args(["serve"]), {})
+    assert (config.tcp_message_timeout, config.tcp_max_connections_per_client) == (2.0, 16)
+    assert (config.dns_rate_limit, config.max_answers) == (0, 0)
