@@ -22,6 +22,8 @@ from overlay_support import Host, Lab, block_entries, ip, make_lab, ping, until
 NETWORK = {"subnet": "10.244.0.0/16", "node_prefix": 24, "backend": "vxlan", "vni": 42}
 DEVICE = "dvx.42"
 TTL = 5
+# a restart within the node's lease: long enough for a process start on a loaded machine
+RESTART_TTL = 20
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -31,10 +33,10 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         yield made
 
 
-async def start_nodes(lab: Lab, *names: str) -> list[Host]:
+async def start_nodes(lab: Lab, *names: str, ttl: int = TTL) -> list[Host]:
     hosts = [lab.host(name, index) for index, name in enumerate(names, start=len(lab.hosts) + 1)]
     for host in hosts:
-        host.start(ttl=TTL)
+        host.start(ttl=ttl)
     for host in hosts:
         await host.ready()
     return hosts
@@ -163,7 +165,7 @@ async def test_data_plane_stays_while_etcd_is_down(lab: Lab) -> None:
 
 async def test_node_restarted_with_the_same_name_needs_no_reprogramming(lab: Lab) -> None:
     await lab.start_etcd()
-    a, b = await start_nodes(lab, "a", "b")
+    a, b = await start_nodes(lab, "a", "b", ttl=RESTART_TTL)
     assert a.http("PUT", "/v1/networks/pods", NETWORK)[0] == 201
     a1, b1 = a.container("a1"), b.container("b1")
     await programmed(a, b)
@@ -173,7 +175,7 @@ async def test_node_restarted_with_the_same_name_needs_no_reprogramming(lab: Lab
 
     b.kill(signal.SIGKILL)
     assert ping(a1, b1.address)  # the data plane does not need B's process
-    b.start(ttl=TTL)
+    b.start(ttl=RESTART_TTL)
     await b.ready()
     await programmed(b, a)
     after = blocks(a)["b"]
@@ -185,7 +187,7 @@ async def test_node_restarted_with_the_same_name_needs_no_reprogramming(lab: Lab
 
 async def test_node_restarted_with_another_node_ip_is_followed(lab: Lab) -> None:
     await lab.start_etcd()
-    a, b = await start_nodes(lab, "a", "b")
+    a, b = await start_nodes(lab, "a", "b", ttl=RESTART_TTL)
     assert a.http("PUT", "/v1/networks/pods", NETWORK)[0] == 201
     a1, b1 = a.container("a1"), b.container("b1")
     await programmed(a, b)
@@ -195,7 +197,7 @@ async def test_node_restarted_with_another_node_ip_is_followed(lab: Lab) -> None
     moved = "192.168.77.12"
     ip("-n", b.netns, "addr", "add", f"{moved}/24", "dev", "eth0")
     b.kill(signal.SIGKILL)
-    b.start(ttl=TTL, node_ip=moved)
+    b.start(ttl=RESTART_TTL, node_ip=moved)
     await b.ready()
     await until("B announces its new node_ip", lambda: blocks(a)["b"]["node_ip"] == moved)
     assert block_of(a, "b") == cidr  # the same block
