@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -322,25 +323,119 @@ def _not_found(key: InstanceKey) -> Problem:
     )
 
 
-async def heartbeat(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
-    key = _key(request)
-    instance = ctx.registry.registered(key)
-    for attempt in range(2):
+async def _renew(
+    ctx: Context, key: InstanceKey, instance: Instance | None, tried: bool = False
+) -> tuple[Instance, int] | None:
+    """Renew the lease of the instance registered under key: the instance and its TTL, or
+    None when it has no live lease. `tried`: instance's lease was just found gone."""
+    for attempt in range(1 if tried else 0, 2):
         if instance is None or attempt:
             # Not in this replica's cache yet, or re-registered with a new lease since.
             fresh = await _stored(ctx, key)
             if fresh is None or (instance is not None and fresh.lease == instance.lease):
-                raise _not_found(key)
+                return None
             instance = fresh
         try:
-            ttl = await ctx.store.keepalive(instance.lease)
+            return instance, await ctx.store.keepalive(instance.lease)
         except LeaseNotFound:
             continue
-        body = _instance_body(instance, ttl)
-        # what web.json_response(body) sends, without its per-call overhead
-        return web.Response(body=json.dumps(body).encode(), content_type=_JSON, charset="utf-8")
-    raise _not_found(key)
+    return None
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    key = _key(request)
+    renewed = await _renew(ctx, key, ctx.registry.registered(key))
+    if renewed is None:
+        raise _not_found(key)
+    body = _instance_body(*renewed)
+    # what web.json_response(body) sends, without its per-call overhead
+    return web.Response(body=json.dumps(body).encode(), content_type=_JSON, charset="utf-8")
+
+
+MAX_HEARTBEAT_BATCH = 256  # instances per POST /v1/heartbeats (more: 400)
+_BATCH_FIELDS = ("namespace", "service", "instance")
+_MAX_ERRORS = 20  # validation errors named in one answer
+
+
+def _batch_keys(data: Any, metrics: Metrics) -> list[InstanceKey]:
+    if not isinstance(data, dict):
+        raise invalid([{"field": "body", "message": "must be a JSON object"}])
+    errors = [{"field": name, "message": "unknown field"} for name in data if name != "instances"]
+    items = data.get("instances")
+    if items is None:
+        errors.append({"field": "instances", "message": "is required"})
+    elif not isinstance(items, list):
+        errors.append({"field": "instances", "message": "must be a list"})
+    if errors or not isinstance(items, list):
+        raise invalid(errors)
+    if len(items) > MAX_HEARTBEAT_BATCH:
+        metrics.http_refused.labels("heartbeat_batch").inc()
+        message = f"must have at most {MAX_HEARTBEAT_BATCH} entries (send the rest in another call)"
+        raise invalid([{"field": "instances", "message": message}])
+    keys = []
+    for index, item in enumerate(items):
+        where = f"instances.{index}"
+        if not isinstance(item, dict):
+            errors.append({"field": where, "message": "must be an object"})
+            continue
+        errors += [
+            {"field": f"{where}.{name}", "message": "unknown field"}
+            for name in item
+            if name not in _BATCH_FIELDS
+        ]
+        for name in _BATCH_FIELDS:
+            value = item.get(name)
+            if value is None:
+                errors.append({"field": f"{where}.{name}", "message": "is required"})
+            elif not isinstance(value, str) or not is_label(value):
+                errors.append(
+                    {
+                        "field": f"{where}.{name}",
+                        "message": "must be a lower-case DNS label (RFC 1123), 1-63 characters",
+                    }
+                )
+        if not errors:
+            keys.append(InstanceKey(item["namespace"], item["service"], item["instance"]))
+    if errors:
+        raise invalid(errors[:_MAX_ERRORS])
+    return keys
+
+
+async def heartbeats(request: web.Request) -> web.Response:
+    """Renew many leases in one call: `{"instances": [{"namespace", "service", "instance"},
+    …]}` → `{"results": [{"status": 200, "ttl", "expires_at"} | {"status": 404}, …]}` in
+    request order; 404: register that one again. All leases go to the store at once (one
+    round trip on etcd's keepalive stream). An unreachable store fails the whole call (503).
+    With tokens, every instance's namespace needs `write`, as its own heartbeat does."""
+    ctx = request.app[CONTEXT]
+    keys = _batch_keys(await read_json(request), ctx.metrics)
+    instances = [ctx.registry.registered(key) for key in keys]
+    known = [index for index, instance in enumerate(instances) if instance is not None]
+    ttls = await ctx.store.keepalive_many(
+        [instance.lease for instance in instances if instance is not None]
+    )
+    renewed: list[int | None] = [None] * len(keys)
+    for index, ttl in zip(known, ttls, strict=True):
+        if ttl > 0:
+            renewed[index] = ttl
+    # the rest as one heartbeat each: not in this replica's cache yet, or re-registered
+    late = [index for index, ttl in enumerate(renewed) if ttl is None]
+    if late:
+        answers = await asyncio.gather(
+            *(_renew(ctx, keys[i], instances[i], tried=instances[i] is not None) for i in late)
+        )
+        for index, answer in zip(late, answers, strict=True):
+            if answer is not None:
+                renewed[index] = answer[1]
+    results = [
+        {"status": 200, "ttl": ttl, "expires_at": _expires(ttl)}
+        if ttl is not None
+        else {"status": 404}
+        for ttl in renewed
+    ]
+    body = json.dumps({"results": results}).encode()
+    return web.Response(body=body, content_type=_JSON, charset="utf-8")
 
 
 _JSON = "application/json"
@@ -499,6 +594,7 @@ def create_app(
     app.router.add_delete(base + "/instances/{inst}", deregister)
     app.router.add_get(base + "/instances/{inst}", get_instance)
     app.router.add_get(base, get_service)
+    app.router.add_post("/v1/heartbeats", heartbeats)
     app.router.add_get("/v1/services", list_services)
     app.router.add_get("/v1/registry", get_registry)
     app.router.add_get("/healthz", healthz)

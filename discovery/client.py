@@ -38,6 +38,9 @@ DEFAULT_TIMEOUT = 10.0  # seconds for one request to one server
 WATCH_WAIT = 60.0  # seconds one long poll may block on the server
 BACKOFF_FIRST = 0.05  # seconds before the first retry while no server answers
 BACKOFF_CAP = 2.0  # never wait longer than this between retries (or a heartbeat interval)
+HEARTBEAT_BATCH = 256  # the most heartbeats in one POST /v1/heartbeats (the server's limit)
+BATCH_WINDOW = 0.05  # seconds a due heartbeat waits for others to share its call
+BATCH_RETRY = 300.0  # seconds before a server that lacked the batch route is asked again
 _RETRY_STATUS = (502, 503, 504)
 
 
@@ -128,10 +131,14 @@ class DiscoveryClient:
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         connections: int = 64,
+        heartbeat_batch: int = HEARTBEAT_BATCH,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         """`connections`: the most connections open to one server at once (a call waits for
-        one, and the wait counts against its timeout)."""
+        one, and the wait counts against its timeout). `heartbeat_batch`: the most heartbeats
+        of this client's registrations sent in one call (1: one call each)."""
+        if not 1 <= heartbeat_batch <= HEARTBEAT_BATCH:
+            raise ValueError(f"heartbeat_batch must be between 1 and {HEARTBEAT_BATCH}")
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one server URL is needed")
@@ -146,6 +153,7 @@ class DiscoveryClient:
         self._own_session = session is None
         self._current = 0  # the URL that answered last
         self.closed = False
+        self.heartbeats = _Heartbeats(self, heartbeat_batch)
 
     async def __aenter__(self) -> DiscoveryClient:
         return self
@@ -157,6 +165,7 @@ class DiscoveryClient:
         """Close the connections; registrations still open stop heartbeating (their leases
         expire: stop them first to deregister)."""
         self.closed = True
+        self.heartbeats.close()
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -474,8 +483,10 @@ class Registration:
                 if self.registrations == 0:
                     await self._register()
                 else:
-                    status, _, _ = await self.client.request("PUT", self._path + "/heartbeat")
-                    if status == 404:  # the lease is gone: register again at once
+                    renewed = await self.client.heartbeats.beat(
+                        self.namespace, self.service, self.instance
+                    )
+                    if not renewed:  # 404: the lease is gone: register again at once
                         log.info("%s: lease lost; registering again", self._path)
                         await self._register()
                     else:
@@ -500,6 +511,122 @@ class Registration:
                 raise
             attempt = 0
             last_ok = loop.time()
+
+
+class _Heartbeats:
+    """Coalesces the due heartbeats of a client's registrations into `POST /v1/heartbeats`
+    calls: the first due one waits BATCH_WINDOW for others (or until the batch is full),
+    then one call renews them all and answers each. A server without the route (404 or 405
+    on it) gets one `PUT …/heartbeat` per registration instead, until BATCH_RETRY has
+    passed; a 413 (a body too large for a proxy on the way) halves the batch size."""
+
+    def __init__(self, client: DiscoveryClient, size: int) -> None:
+        self.client = client
+        self.size = size
+        self.calls = 0  # POST /v1/heartbeats calls sent
+        self._single_until = float("inf") if size == 1 else 0.0  # loop time
+        self._pending: list[tuple[dict[str, str], asyncio.Future[bool]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def beat(self, namespace: str, service: str, instance: str) -> bool:
+        """Renew one registration's lease: True when renewed, False when the server no longer
+        knows it (404). Raises Unavailable or Refused as a single call would."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._single_until:
+            path = _instance_path(namespace, service, instance) + "/heartbeat"
+            status, _, _ = await self.client.request("PUT", path)
+            return status != 404
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append(
+            ({"namespace": namespace, "service": service, "instance": instance}, future)
+        )
+        if len(self._pending) >= self.size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(BATCH_WINDOW, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._send(batch), name="heartbeats")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[dict[str, str], asyncio.Future[bool]]]) -> None:
+        try:
+            await self._renew(batch)
+        except DiscoveryError as error:  # every one of them failed alike
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+
+    async def _renew(self, batch: list[tuple[dict[str, str], asyncio.Future[bool]]]) -> None:
+        if self.closed:
+            raise DiscoveryError("the client is closed")
+        body = {"instances": [ref for ref, _ in batch]}
+        self.calls += 1
+        try:
+            status, answer, _ = await self.client.request("POST", "/v1/heartbeats", json=body)
+        except Refused as error:
+            if error.status == 405:
+                return await self._singly(batch)
+            if error.status == 413 and len(batch) > 1:  # e.g. a proxy's body size limit
+                self.size = max(1, len(batch) // 2)
+                half = len(batch) // 2
+                await asyncio.gather(self._renew(batch[:half]), self._renew(batch[half:]))
+                return
+            raise
+        if status == 404:
+            return await self._singly(batch)
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if status != 200 or not isinstance(results, list) or len(results) != len(batch):
+            raise Unavailable(f"POST /v1/heartbeats answered {status} without a result each")
+        for (_, future), result in zip(batch, results, strict=True):
+            code = result.get("status") if isinstance(result, dict) else None
+            if future.done():
+                continue
+            if code in (200, 404):
+                future.set_result(code == 200)
+            else:
+                future.set_exception(Unavailable(f"heartbeat answered {code}"))
+
+    async def _singly(self, batch: list[tuple[dict[str, str], asyncio.Future[bool]]]) -> None:
+        """A server without the batch route: one call per heartbeat, for a while."""
+        log.info("the server has no POST /v1/heartbeats: one call per heartbeat")
+        self._single_until = asyncio.get_running_loop().time() + BATCH_RETRY
+
+        async def one(ref: dict[str, str], future: asyncio.Future[bool]) -> None:
+            path = _instance_path(ref["namespace"], ref["service"], ref["instance"])
+            try:
+                status, _, _ = await self.client.request("PUT", path + "/heartbeat")
+            except DiscoveryError as error:
+                if not future.done():
+                    future.set_exception(error)
+                return
+            if not future.done():
+                future.set_result(status != 404)
+
+        await asyncio.gather(*(one(ref, future) for ref, future in batch))
+
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
+    def close(self) -> None:
+        """Fail the heartbeats still waiting for their call (the calls in flight fail on
+        their own as the connections close)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(DiscoveryError("the client is closed"))
 
 
 def _registration_body(

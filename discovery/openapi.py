@@ -231,6 +231,23 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/heartbeats": {
+                "post": {
+                    "operationId": "heartbeats",
+                    "summary": "Renew many leases in one call (at most 256 instances, more: "
+                    "400); with tokens every instance's namespace needs write",
+                    "requestBody": {"required": True, "content": _json("HeartbeatBatch")},
+                    "responses": {
+                        "200": {
+                            "description": "One result per instance, in request order: 200 "
+                            "renewed, 404 expired or unknown (register that one again)",
+                            "content": _json("HeartbeatResults"),
+                        },
+                        "413": _problem("Body over 64 KiB"),
+                        **_ERRORS,
+                    },
+                },
+            },
             "/v1/services": {
                 "get": {
                     "operationId": "listServices",
@@ -391,6 +408,44 @@ def openapi_document() -> dict[str, Any]:
                 "Lease": lease,
                 "Instance": instance,
                 "Problem": problem,
+                "HeartbeatBatch": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "maxItems": 256,
+                            "items": {
+                                "type": "object",
+                                "required": ["namespace", "service", "instance"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "namespace": _LABEL,
+                                    "service": _LABEL,
+                                    "instance": _LABEL,
+                                },
+                            },
+                        }
+                    },
+                },
+                "HeartbeatResults": {
+                    "type": "object",
+                    "properties": {
+                        "results": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {
+                                    "status": {"type": "integer", "enum": [200, 404]},
+                                    "ttl": {"type": "integer"},
+                                    "expires_at": {"type": "string", "format": "date-time"},
+                                },
+                            },
+                        }
+                    },
+                },
                 "NetworkSpec": network_spec,
                 "AttachmentRequest": attachment_request,
                 "Network": network,

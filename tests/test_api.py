@@ -157,6 +157,114 @@ async def test_heartbeat_of_unknown_instance_is_404(client: Client) -> None:
     assert_problem(await client.request("PUT", other), 404)
 
 
+def _ref(ns: str, svc: str, inst: str) -> dict[str, str]:
+    return {"namespace": ns, "service": svc, "instance": inst}
+
+
+async def test_batch_heartbeat_renews_each_and_answers_404_for_the_rest(client: Client) -> None:
+    first = await client.register("default", "web", "web-1", expect=201, address="10.0.0.1", ttl=30)
+    await client.register("default", "web", "web-2", expect=201, address="10.0.0.2", ttl=40)
+    await client.register("default", "api", "api-1", expect=201, address="10.0.0.3", ttl=2)
+    await asyncio.sleep(1.1)  # expires_at has one-second resolution: let a second pass
+    refs = [
+        _ref("default", "web", "web-1"),
+        _ref("default", "web", "nobody"),
+        _ref("default", "web", "web-2"),
+        _ref("other", "web", "web-1"),
+        _ref("default", "api", "api-1"),
+    ]
+    status, body, headers = await client.request("POST", "/v1/heartbeats", json={"instances": refs})
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("application/json")
+    results = body["results"]
+    assert [r["status"] for r in results] == [200, 404, 200, 404, 200]
+    assert [r.get("ttl") for r in results] == [30, None, 40, None, 2]
+    renewed = datetime.fromisoformat(results[0]["expires_at"])
+    assert RFC3339.match(results[0]["expires_at"]) and renewed > expires(first)
+    # the batch keeps a 2 s lease alive past its TTL, as single heartbeats do
+    for _ in range(6):
+        await asyncio.sleep(0.5)
+        _, body, _ = await client.request(
+            "POST", "/v1/heartbeats", json={"instances": [_ref("default", "api", "api-1")]}
+        )
+        assert body["results"] == [{"status": 200, "ttl": 2, "expires_at": ANY_TIME}]
+    await settle(client)
+    assert await client.addresses(fqdn("api-1", "api", "default")) == {"10.0.0.3"}
+    status, body, _ = await client.request("POST", "/v1/heartbeats", json={"instances": []})
+    assert (status, body) == (200, {"results": []})
+
+
+async def test_batch_heartbeat_after_expiry_and_re_registration(client: Client) -> None:
+    await client.register("default", "web", "web-1", expect=201, address="10.0.0.1", ttl=2)
+    name = fqdn("web-1", "web", "default")
+    await settle(client)
+    deadline = time.monotonic() + 10
+    while await client.addresses(name):  # the lease expires, the watch deletes the record
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    batch = {"instances": [_ref("default", "web", "web-1")]}
+    _, body, _ = await client.request("POST", "/v1/heartbeats", json=batch)
+    assert body["results"] == [{"status": 404}]
+    again = await client.register("default", "web", "web-1", expect=201, address="10.0.0.1")
+    # a new lease, perhaps not in this replica's cache yet: the batch finds it in the store
+    _, body, _ = await client.request("POST", "/v1/heartbeats", json=batch)
+    assert body["results"] == [{"status": 200, "ttl": again["ttl"], "expires_at": ANY_TIME}]
+
+
+class _AnyTime:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and RFC3339.match(other) is not None
+
+
+ANY_TIME: Any = _AnyTime()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"", "body"),
+        (b"[]", "body"),
+        (b"{", "body"),
+        (b"{}", "instances"),
+        (b'{"instances": {}}', "instances"),
+        (b'{"instances": [], "extra": 1}', "extra"),
+        (b'{"instances": ["default/web/web-1"]}', "instances.0"),
+        (b'{"instances": [{"namespace": "default", "service": "web"}]}', "instances.0.instance"),
+        (b'{"instances": [{"namespace": "Default", "service": "web", "instance": "a"}]}',
+         "instances.0.namespace"),
+        (b'{"instances": [{"namespace": "d", "service": 7, "instance": "a"}]}',
+         "instances.0.service"),
+        (b'{"instances": [{"namespace": "d", "service": "w", "instance": "a", "ttl": 5}]}',
+         "instances.0.ttl"),
+    ],
+)  # fmt: skip
+async def test_batch_heartbeat_invalid_input_is_400(
+    client: Client, body: bytes, field: str
+) -> None:
+    await client.register("default", "web", "web-1", address="10.0.0.1")
+    response = await client.request("POST", "/v1/heartbeats", data=body)
+    assert_problem(response, 400, field)
+
+
+async def test_batch_heartbeat_too_many_is_400_and_counted(client: Client) -> None:
+    def batch(n: int) -> dict[str, Any]:
+        return {"instances": [_ref("default", "web", f"i{i}") for i in range(n)]}
+
+    refused = 'discovery_http_refused_total{"reason": "heartbeat_batch"}'
+    before = (await scrape(client)).get(refused, 0)
+    status, body, _ = await client.request("POST", "/v1/heartbeats", json=batch(256))
+    assert status == 200 and [r["status"] for r in body["results"]] == [404] * 256
+    problem = assert_problem(
+        await client.request("POST", "/v1/heartbeats", json=batch(257)), 400, "instances"
+    )
+    assert "at most 256" in problem["detail"]
+    after = await scrape(client)
+    assert after[refused] == before + 1
+    errors = {"instances": [{"namespace": "A"}] * 100}  # the answer names at most 20 errors
+    body = assert_problem(await client.request("POST", "/v1/heartbeats", json=errors), 400)
+    assert len(body["errors"]) == 20
+
+
 async def test_delete(client: Client) -> None:
     await client.register("default", "web", "web-1", expect=201, address="10.0.0.1")
     await settle(client)
@@ -378,6 +486,7 @@ async def test_metrics(client: Client) -> None:
 SPEC_PATHS = {
     INSTANCE_ROUTE: {"put", "get", "delete"},
     "/v1/services/{ns}/{svc}/instances/{inst}/heartbeat": {"put"},
+    "/v1/heartbeats": {"post"},
     "/v1/services": {"get"},
     "/v1/services/{ns}/{svc}": {"get"},
     "/healthz": {"get"},

@@ -172,6 +172,8 @@ class Front:
     def __init__(self, target: str) -> None:
         self.target = target
         self.failing = False
+        self.without_batches = False  # set: POST /v1/heartbeats is 404, as on an older server
+        self.batch_limit: int | None = None  # set: larger batches get 413
         self.hold_answers: asyncio.Event | None = None  # set: answers wait for it
         self.forwarded = asyncio.Event()
         self.seen: collections.Counter[str] = collections.Counter()
@@ -181,7 +183,21 @@ class Front:
 
     async def handle(self, request: web.Request) -> web.Response:
         kind = "heartbeat" if request.path.endswith("/heartbeat") else request.method
+        if request.path == "/v1/heartbeats":
+            kind = "batch"
+            self.seen["batched"] += len((await request.json())["instances"])
         self.seen[kind + (" 503" if self.failing else "")] += 1
+        if kind == "batch" and self.without_batches:
+            return web.json_response(
+                {"title": "Not Found", "status": 404, "detail": "Not Found"},
+                status=404, content_type="application/problem+json",
+            )  # fmt: skip
+        if kind == "batch" and self.batch_limit is not None:
+            if len((await request.json())["instances"]) > self.batch_limit:
+                return web.json_response(
+                    {"title": "Too many instances", "status": 413, "detail": "the limit"},
+                    status=413, content_type="application/problem+json",
+                )  # fmt: skip
         if self.failing:
             return web.json_response(
                 {"title": "Store unavailable", "status": 503, "detail": "etcd is away"},
@@ -226,14 +242,71 @@ async def test_503_backs_off_and_keeps_the_lease(server: Server) -> None:
             front.failing = True
             await eventually(lambda: _true(not reg.healthy), "unhealthy on 503", within=10)
             # several retries inside one heartbeat interval, but no hot loop
-            await eventually(lambda: _true(front.seen["heartbeat 503"] >= 3), "retries")
+            await eventually(lambda: _true(front.seen["batch 503"] >= 3), "retries")
             await asyncio.sleep(0)  # let the count settle for the bound below
             front.failing = False
             await reg.wait_healthy(10)
             assert reg.lease == lease and reg.registrations == 1, "the lease was kept"
             assert front.seen["PUT 503"] == 0, "no re-register while the lease lived"
-            assert front.seen["heartbeat 503"] < 60
+            assert front.seen["batch 503"] < 60
             assert live(server, "web-6")
+
+
+async def test_heartbeats_of_many_registrations_share_calls(server: Server) -> None:
+    async with Front(url(server)) as front, DiscoveryClient(front.url) as client:
+        regs = [
+            client.registration(NS, SVC, f"b-{i}", address=f"10.4.0.{i + 1}", ttl=3)
+            for i in range(40)
+        ]
+        await asyncio.gather(*(reg.start() for reg in regs))
+        try:
+            await eventually(lambda: _true(all(r.heartbeats >= 3 for r in regs)), "3 each")
+            beats = sum(r.heartbeats for r in regs)
+            assert front.seen["heartbeat"] == 0, "no single heartbeat while batches work"
+            assert front.seen["batch"] <= beats / 5, (front.seen, beats)
+            assert all(r.registrations == 1 and r.missed == 0 and r.healthy for r in regs)
+            # one lease lost (deleted behind the client's back): its result is 404, it alone
+            # registers again, the others keep their leases
+            assert await client.deregister(NS, SVC, "b-3")
+            await eventually(lambda: _true(regs[3].registrations == 2), "b-3 registered again")
+            await wait_live(server, "b-3")
+            assert all(r.registrations == 1 for r in regs if r is not regs[3])
+        finally:
+            await asyncio.gather(*(reg.stop() for reg in regs))
+        assert not server.registry.instances((NS, SVC))
+
+
+async def test_a_server_without_the_batch_route_gets_one_call_per_heartbeat(
+    server: Server,
+) -> None:
+    async with Front(url(server)) as front, DiscoveryClient(front.url) as client:
+        front.without_batches = True
+        async with client.registration(NS, SVC, "old-1", address="10.4.1.1", ttl=3) as reg:
+            await eventually(lambda: _true(reg.heartbeats >= 3), "3 heartbeats", within=10)
+            assert front.seen["batch"] == 1, "asked once, then one call per heartbeat"
+            assert front.seen["heartbeat"] >= 3
+            assert reg.registrations == 1 and reg.missed == 0 and reg.healthy
+    async with Front(url(server)) as front, DiscoveryClient(front.url, heartbeat_batch=1) as one:
+        async with one.registration(NS, SVC, "old-2", address="10.4.1.2", ttl=3) as reg:
+            await eventually(lambda: _true(reg.heartbeats >= 2), "2 heartbeats", within=10)
+            assert front.seen["batch"] == 0 and front.seen["heartbeat"] >= 2
+
+
+async def test_a_batch_over_the_server_limit_is_split(server: Server) -> None:
+    async with Front(url(server)) as front, DiscoveryClient(front.url) as client:
+        front.batch_limit = 4
+        regs = [
+            client.registration(NS, SVC, f"s-{i}", address=f"10.4.2.{i + 1}", ttl=3)
+            for i in range(20)
+        ]
+        await asyncio.gather(*(reg.start() for reg in regs))
+        try:
+            await eventually(lambda: _true(all(r.heartbeats >= 2 for r in regs)), "2 each")
+            assert client.heartbeats.size <= 4
+            assert all(r.registrations == 1 and r.missed == 0 for r in regs)
+            assert front.seen["heartbeat"] == 0
+        finally:
+            await asyncio.gather(*(reg.stop() for reg in regs))
 
 
 async def test_cancelled_while_the_first_register_call_is_in_flight(server: Server) -> None:

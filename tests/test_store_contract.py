@@ -342,6 +342,20 @@ async def test_keepalive_extends_the_lease(store: Store) -> None:
     assert await store.time_to_live(lease) > 0
 
 
+async def test_keepalive_many_renews_each_and_names_unknown_ones(store: Store) -> None:
+    leases = [await store.grant(ttl) for ttl in (2, 3, 2)]
+    await store.put(P + b"a", b"1", leases[0])
+    await store.revoke(leases[1])
+    assert await store.keepalive_many([]) == []
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:  # past the 2 s TTL: only the renewals keep them
+        batch = [leases[0], leases[1], UNKNOWN_LEASE, leases[2], leases[0]]
+        assert await store.keepalive_many(batch) == [2, 0, 0, 2, 2]
+        await asyncio.sleep(0.5)
+    assert (await store.get(P + b"a")) is not None
+    assert await store.time_to_live(leases[2]) > 0
+
+
 async def test_unknown_lease_raises_lease_not_found(store: Store) -> None:
     await assert_lease_unknown(store, UNKNOWN_LEASE)
     before = await store.revision()
@@ -484,11 +498,13 @@ async def test_etcd_hung_calls_and_watch_raise_unavailable(etcd_server: EtcdServ
                 assert elapsed_since(start) < 3.0  # request_timeout of silence + probe timeout
                 await assert_unavailable(lambda: store.put(P + b"b", b"2"), within=3.0)
                 await assert_unavailable(lambda: store.keepalive(lease), within=3.0)
+                await assert_unavailable(lambda: store.keepalive_many([lease]), within=3.0)
             finally:
                 etcd_server.resume()
         # etcd answers again: the same store recovers, renewals on a new stream too
         assert (await store.get(P + b"a")) is not None
         assert await store.keepalive(lease) == 60
+        assert await store.keepalive_many([lease, lease]) == [60, 60]
 
 
 async def test_etcd_several_endpoints_skip_a_dead_one(etcd_server: EtcdServer) -> None:
@@ -569,6 +585,7 @@ async def test_etcd_auth_logs_in_again_when_the_token_expires(
         assert await store.revision() == put.revision
         lease = await store.grant(60)
         assert await store.keepalive(lease) == 60  # the lease stream carries the token
+        assert await store.keepalive_many([lease]) == [60]
         await asyncio.sleep(2.5)  # the token expires (simple token, TTL 1 s, not used)
         assert (await store.get(P + b"a")) is not None  # re-login, same call succeeds
         assert logins == 2

@@ -111,6 +111,11 @@ class Store(Protocol):
     async def keepalive(self, lease: int) -> int:
         """Renew the lease; returns its TTL. Raises LeaseNotFound."""
 
+    async def keepalive_many(self, leases: Sequence[int]) -> list[int]:
+        """Renew every lease at once; the TTL of each in order, 0 for a lease the store does
+        not know. Raises StoreUnavailable when the store cannot be reached (then some leases
+        may have been renewed: renewing again is harmless)."""
+
     async def time_to_live(self, lease: int) -> int:
         """Seconds left on the lease. Raises LeaseNotFound."""
 

@@ -67,6 +67,18 @@ class EmbeddedStore:
         self._arm(lease, found)
         return found.ttl
 
+    async def keepalive_many(self, leases: Sequence[int]) -> list[int]:
+        self._check_open()
+        ttls = []
+        for lease_id in leases:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                ttls.append(0)
+            else:
+                self._arm(lease_id, lease)
+                ttls.append(lease.ttl)
+        return ttls
+
     async def time_to_live(self, lease: int) -> int:
         self._check_open()
         return max(0, math.ceil(self._lease(lease).deadline - time.monotonic()))

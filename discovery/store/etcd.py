@@ -276,6 +276,31 @@ class EtcdStore:
                 raise LeaseNotFound(f"lease {lease:x} not found")
             return ttl
 
+    async def keepalive_many(self, leases: Sequence[int]) -> list[int]:
+        """Renew every lease on the shared LeaseKeepAlive stream: all requests written at
+        once, the answers awaited together (one round trip for the batch, not one each)."""
+        relogged = False
+        while True:
+            conn = await self._connection()
+            try:
+                stream = self._lease_stream(conn)
+                futures = [stream.send(lease) for lease in leases]
+            except StoreUnavailable:
+                self._check_open()
+                raise
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+            failures = [a for a in answers if isinstance(a, BaseException)]
+            if not failures:
+                return [max(0, int(ttl)) for ttl in answers if not isinstance(ttl, BaseException)]
+            if any(isinstance(f, StreamUnauthenticated) for f in failures):
+                if self._user is None or relogged:
+                    raise StoreError(f"etcd {conn.endpoint}: keepalive unauthenticated")
+                relogged = True
+                await conn.login()
+                continue  # renewing a lease twice is harmless
+            self._check_open()
+            raise failures[0]
+
     def _lease_stream(self, conn: EtcdConnection) -> LeaseStream:
         stream = self._keepalives
         if stream is None or stream.client is not conn or stream.broken:
