@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2 dnsmasq-base util-linux libc-bin chromium
 APT_BENCH := dnsperf dnsmasq-base etcd-server knot nsd
-APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl
+APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl docker.io docker-compose
 IMAGE ?= localhost/discovery:dev
 
 .DEFAULT_GOAL := help
@@ -55,8 +55,8 @@ bench: bench-deps ## queries/s against NSD, Knot DNS and dnsmasq (docs/benchmark
 soak: bench-deps ## 10 minutes of churn on two replicas over etcd, etcd restarted and compacted (docs/soak.md)
 	$(PY) bench/soak.py
 
-image-deps: ## install podman, runc, mmdebstrap, podman-compose (apt)
-	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v podman-compose >/dev/null || { \
+image-deps: ## install podman, runc, mmdebstrap, podman-compose, docker.io, docker-compose (apt)
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v podman-compose >/dev/null && command -v docker-compose >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_IMAGE); }
 

@@ -471,6 +471,10 @@ async def test_an_upstream_that_is_this_server_is_dropped_or_refused() -> None:
         forwarder = Forwarder([("127.0.0.1", port), ("192.0.2.53", port)])
         forwarder.exclude_self("0.0.0.0", port)  # a wildcard listener is reached on loopback
         assert [u.label for u in forwarder.upstreams] == [f"192.0.2.53:{port}"]
+        # but not Docker's embedded DNS: in a container, 127.0.0.11:53 is NATed to dockerd
+        forwarder = Forwarder([("127.0.0.11", 53)])
+        forwarder.exclude_self("0.0.0.0", 53)
+        assert [u.label for u in forwarder.upstreams] == ["127.0.0.11:53"]
 
 
 async def test_identical_questions_in_flight_share_one_upstream_query() -> None:

@@ -1,6 +1,7 @@
 """The container image built and run for real with podman, and deploy/compose.yaml brought up
-with podman-compose. Slow (minutes: a Debian base made with mmdebstrap when none exists, a
-wheel build): only with DISCOVERY_IMAGE_TESTS=1, which `make test-image` sets."""
+with podman-compose, and with docker compose when a docker engine is reachable (the images
+built by podman, loaded into docker). Slow (minutes: a Debian base made with mmdebstrap when
+none exists, a wheel build): only with DISCOVERY_IMAGE_TESTS=1, which `make test-image` sets."""
 
 from __future__ import annotations
 
@@ -179,6 +180,97 @@ def test_compose_brings_up_a_cluster_whose_client_resolves_the_service(
     finally:
         subprocess.run([*compose, "down", "-t", "5"], env=env, capture_output=True, timeout=300)
         podman("network", "rm", f"{project}_default", check=False)  # podman-compose 1.0 leaves it
+
+
+def docker(
+    *args: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
+
+
+def _docker_compose() -> list[str] | None:
+    """The compose command of a reachable docker engine: the plugin or docker-compose."""
+    if shutil.which("docker") is None:
+        return None
+    try:
+        if docker("info", check=False, timeout=30).returncode != 0:
+            return None
+        if docker("compose", "version", check=False, timeout=30).returncode == 0:
+            return ["docker", "compose"]
+    except subprocess.TimeoutExpired:
+        return None
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> list[str]:
+    command = _docker_compose()
+    if command is None:
+        pytest.skip(
+            "no docker engine with compose reachable (`docker info` fails or no compose): "
+            "start one, e.g. `dockerd --iptables=false --storage-driver=vfs &`"
+        )
+    return command
+
+
+def _in_docker(image: str) -> str:
+    """The podman-built image, loaded into the docker engine under the same name."""
+    saved = subprocess.run(
+        f"podman save {image} | docker load", shell=True, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    docker("image", "inspect", image)
+    return image
+
+
+def test_docker_compose_brings_up_a_cluster_whose_client_resolves_the_service(
+    image: str, etcd_image: str, docker_compose: list[str]
+) -> None:
+    """`docker compose up` on deploy/compose.yaml as written, with the images built here."""
+    project = f"dsc{secrets.token_hex(3)}"
+    compose = [*docker_compose, "-p", project, "-f", str(ROOT / "deploy" / "compose.yaml")]
+    dns, http = free_udp_port(), free_udp_port()
+    env = {**os.environ, "DISCOVERY_IMAGE": _in_docker(image), "ETCD_IMAGE": _in_docker(etcd_image),
+           "DNS_PORT": str(dns), "HTTP_PORT": str(http)}  # fmt: skip
+
+    def container(service: str) -> str:
+        found = subprocess.run([*compose, "ps", "-q", service], env=env, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        return found.stdout.strip()
+
+    def address(container_id: str) -> str:
+        networks = json.loads(docker("inspect", container_id).stdout)[0]["NetworkSettings"]
+        return str(next(iter(networks["Networks"].values()))["IPAddress"])
+
+    up = subprocess.run([*compose, "up", "-d"], env=env, capture_output=True, text=True,
+                        timeout=600)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        client = container("client")
+        code = docker("wait", client, timeout=300).stdout.strip()
+        logs = docker("logs", client).stdout + docker("logs", client).stderr
+        assert code == "0", logs
+        assert logs.count("nameserver ") == 2, logs  # the two replicas, nothing else
+        web = address(container("web"))
+        assert f"web.default.svc.cluster.local -> {web}" in logs, logs
+        wait_until(lambda: ready(http), "replica 1 ready")
+        answer = subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(dns), "+short", "web.default.svc.cluster.local"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert answer.stdout.split() == [web], answer
+        network = next(iter(json.loads(docker("inspect", client).stdout)[0]["NetworkSettings"]
+                            ["Networks"]))  # fmt: skip
+        second = docker(
+            "run", "--rm", "--network", network, "--dns", address(container("discovery-2")),
+            "--entrypoint", "getent", image, "hosts", "web.default.svc.cluster.local",
+        )  # fmt: skip
+        assert second.stdout.split()[0] == web, second
+    finally:
+        subprocess.run([*compose, "down", "-t", "5"], env=env, capture_output=True, timeout=300)
 
 
 def _networks(container: str) -> dict[str, Any]:

@@ -290,6 +290,10 @@ class _Exchange(asyncio.DatagramProtocol):
             self.answer.set_exception(exc or ConnectionError("socket closed"))
 
 
+# the embedded DNS server of a Docker container's resolv.conf (user-defined networks)
+DOCKER_DNS = ipaddress.ip_address("127.0.0.11")
+
+
 class Forwarder:
     def __init__(
         self, upstreams: Sequence[tuple[str, int]], timeout: float = 2.0, cache_size: int = 10000
@@ -314,6 +318,8 @@ class Forwarder:
             if upstream.port != port:
                 return False
             if ours.is_unspecified:
+                if upstream.ip == DOCKER_DNS:
+                    return False  # a NAT rule in the container sends it to dockerd, not to us
                 return upstream.ip.is_loopback or upstream.ip.is_unspecified
             return upstream.ip == ours
 
