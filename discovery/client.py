@@ -41,6 +41,7 @@ BACKOFF_CAP = 2.0  # never wait longer than this between retries (or a heartbeat
 HEARTBEAT_BATCH = 256  # the most heartbeats in one POST /v1/heartbeats (the server's limit)
 BATCH_WINDOW = 0.05  # seconds a due heartbeat waits for others to share its call
 BATCH_RETRY = 300.0  # seconds before a server that lacked the batch route is asked again
+HEARTBEAT_CONNECTIONS = 4  # per server, for heartbeats only (a batch call takes milliseconds)
 _RETRY_STATUS = (502, 503, 504)
 
 
@@ -150,6 +151,7 @@ class DiscoveryClient:
         self.connections = connections
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = session
+        self._heartbeat_session: aiohttp.ClientSession | None = None
         self._own_session = session is None
         self._current = 0  # the URL that answered last
         self.closed = False
@@ -168,7 +170,9 @@ class DiscoveryClient:
         self.heartbeats.close()
         if self._own_session and self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._heartbeat_session is not None:
+            await self._heartbeat_session.close()
+        self._session = self._heartbeat_session = None
 
     @property
     def url(self) -> str:
@@ -184,6 +188,19 @@ class DiscoveryClient:
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session
 
+    def _heartbeat_http(self) -> aiohttp.ClientSession:
+        """Connections of their own for heartbeats: thousands of registrations being opened,
+        or long polls, queue for the main pool, and a heartbeat behind them could come too
+        late for its lease."""
+        if not self._own_session:
+            return self._http()
+        if self._heartbeat_session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=HEARTBEAT_CONNECTIONS)
+            self._heartbeat_session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers
+            )
+        return self._heartbeat_session
+
     async def request(
         self,
         method: str,
@@ -192,14 +209,16 @@ class DiscoveryClient:
         json: Any = None,
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        heartbeat: bool = False,
     ) -> tuple[int, Any, Mapping[str, str]]:
         """One call, failing over between the URLs: (status, JSON body or None, headers).
+        `heartbeat`: on the connections kept for heartbeats.
 
         Raises Unavailable when no server answered and Refused for a 4xx other than 404 (the
         callers decide what a 404 means)."""
         if self.closed:
             raise DiscoveryError("the client is closed")
-        session = self._http()
+        session = self._heartbeat_http() if heartbeat else self._http()
         limit = aiohttp.ClientTimeout(total=timeout or self.timeout)
         errors = []
         start = self._current
@@ -535,7 +554,7 @@ class _Heartbeats:
         loop = asyncio.get_running_loop()
         if loop.time() < self._single_until:
             path = _instance_path(namespace, service, instance) + "/heartbeat"
-            status, _, _ = await self.client.request("PUT", path)
+            status, _, _ = await self.client.request("PUT", path, heartbeat=True)
             return status != 404
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append(
@@ -571,7 +590,7 @@ class _Heartbeats:
         body = {"instances": [ref for ref, _ in batch]}
         self.calls += 1
         try:
-            status, answer, _ = await self.client.request("POST", "/v1/heartbeats", json=body)
+            status, answer, _ = await self._post(body)
         except Refused as error:
             if error.status == 405:
                 return await self._singly(batch)
@@ -595,6 +614,9 @@ class _Heartbeats:
             else:
                 future.set_exception(Unavailable(f"heartbeat answered {code}"))
 
+    async def _post(self, body: dict[str, Any]) -> tuple[int, Any, Mapping[str, str]]:
+        return await self.client.request("POST", "/v1/heartbeats", json=body, heartbeat=True)
+
     async def _singly(self, batch: list[tuple[dict[str, str], asyncio.Future[bool]]]) -> None:
         """A server without the batch route: one call per heartbeat, for a while."""
         log.info("the server has no POST /v1/heartbeats: one call per heartbeat")
@@ -603,7 +625,7 @@ class _Heartbeats:
         async def one(ref: dict[str, str], future: asyncio.Future[bool]) -> None:
             path = _instance_path(ref["namespace"], ref["service"], ref["instance"])
             try:
-                status, _, _ = await self.client.request("PUT", path + "/heartbeat")
+                status, _, _ = await self.client.request("PUT", path + "/heartbeat", heartbeat=True)
             except DiscoveryError as error:
                 if not future.done():
                     future.set_exception(error)
