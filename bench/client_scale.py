@@ -8,17 +8,17 @@
 It starts one `discovery serve` (--store embedded, the default: the server's cheapest heartbeat,
 so that the client is what is measured; or --store etcd: etcd and `discovery serve --etcd …`
 through bench/etcd_harness.py), by default under `taskset -c 1` with etcd and this client on
-CPU 0, then opens --instances
-`client.registration(...)` context managers in this one process (one DiscoveryClient, one
-connection pool), all at --ttl, and holds them for --duration seconds. Each registration
-heartbeats on its own at a third of the TTL; the client coalesces the heartbeats that fall due
-together into `POST /v1/heartbeats` calls (at most --heartbeat-batch each). It reports the time
-to register them all, the heartbeats per second and the calls that carried them, the longest
-gap between two successful heartbeats of any registration (a missed heartbeat is a gap over two
-intervals; a lease is lost past the TTL), how many registrations had to register again (404:
-lease lost) or were ever unhealthy, the fewest instances the server listed while they were held
-(asked every 2 s: an expired lease would show as one missing) and at the end, and the CPU this
-client, the server and etcd used while holding. Then it deregisters them all.
+CPU 0, then opens --instances `client.registration(...)` context managers in this one process
+(one DiscoveryClient: one connection pool, and a few connections for heartbeats), all at --ttl,
+and holds them for --duration seconds. Each registration heartbeats on its own at a third of
+the TTL; the client coalesces the heartbeats that fall due together into `POST /v1/heartbeats`
+calls (at most --heartbeat-batch each). It reports the time to register them all, the
+heartbeats per second and the calls that carried them (and how long those took), the longest
+gap between two successful heartbeats of any registration while held (a missed heartbeat is a
+gap over two intervals; a lease is lost past the TTL), how many registrations had to register
+again (404: lease lost) or were ever unhealthy, the fewest instances the server listed while
+held (asked every 2 s: an expired lease would show as one missing) and at the end, and the CPU
+this client, the server and etcd used while holding. Then it deregisters them all.
 """
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ async def hold(
             async with gate:
                 await registration.start()
 
+        latencies: list[float] = []  # of each POST /v1/heartbeats while held
+        post = client.heartbeats._post
+
+        async def timed(body: dict[str, Any]) -> Any:
+            started = time.monotonic()
+            try:
+                return await post(body)
+            finally:
+                latencies.append(time.monotonic() - started)
+
+        client.heartbeats._post = timed  # type: ignore[method-assign]
         started = time.monotonic()
         await asyncio.gather(*(start(r) for r in registrations))
         opened = time.monotonic() - started
@@ -100,6 +111,9 @@ async def hold(
         cpu_before, beats_before = cpu_seconds(), sum(r.heartbeats for r in registrations)
         calls_before = client.heartbeats.calls
         others_before = {name: process_cpu(pid) for name, pid in pids.items()}
+        for registration in registrations:  # count gaps while held, not while opening
+            registration.max_gap, registration.missed = 0.0, 0
+        latencies.clear()
         held_from = time.monotonic()
         unhealthy_seen = 0
         fewest: int | str = instances
@@ -136,6 +150,9 @@ async def hold(
             "fewest_listed": fewest,
             "listed": at_end,
             "batch_calls_per_second": calls / held,
+            "batch_latency": (percentile(latencies, 50), percentile(latencies, 99), max(latencies))
+            if latencies
+            else (0.0, 0.0, 0.0),
             "client_cpu_percent": 100 * cpu / held,
             "client_cpu_per_heartbeat_us": 1e6 * cpu / beats if beats else 0.0,
         }
@@ -226,6 +243,8 @@ def main() -> None:
                          f"(one per {interval:g} s each: {result['expected_per_second']:.0f})"),
         ("batch calls/s (at most --heartbeat-batch each)",
          f"{result['batch_calls_per_second']:.1f} (batch {args.heartbeat_batch})"),
+        ("batch call time: median, p99, max",
+         " · ".join(f"{1000 * t:.0f} ms" for t in result["batch_latency"])),
         ("longest gap between two heartbeats", f"{result['max_gap']:.2f} s "
                                                f"(p99 {result['p99_gap']:.2f} s)"),
         ("missed heartbeats (gap > 2 intervals)", result["missed"]),
