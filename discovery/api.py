@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from .config import Config
+from .http_server import when_gone
 from .metrics import Metrics
 from .model import (
     Instance,
@@ -42,6 +44,7 @@ MAX_BODY = 64 * 1024
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 RETRY_AFTER = "2"
+LONG_POLL_RETRY_AFTER = "5"
 WRITE_VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's cache to show it
 PROBLEM = "application/problem+json"
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before the answer
@@ -55,6 +58,7 @@ class Context:
     metrics: Metrics
     ipam: Ipam | None = None
     overlay: Overlay | None = None
+    long_polls: dict[str, int] = field(default_factory=dict)  # parked long polls per client
 
 
 CONTEXT = web.AppKey("context", Context)
@@ -155,13 +159,30 @@ def _key(request: web.Request, with_instance: bool = True) -> InstanceKey:
     return InstanceKey(parts["namespace"], parts["service"], parts.get("name", ""))
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, whole within --http-body-timeout (else 408, and the connection
+    closes) and at most MAX_BODY bytes (else 413)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes")
+    ctx = request.app[CONTEXT]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(ctx.config.http_body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Problem(413, "Request body too large", f"the limit is {MAX_BODY} bytes") from None
+    except TimeoutError:
+        ctx.metrics.http_refused.labels(reason="body_timeout").inc()
+        raise Problem(
+            408,
+            "Request body too slow",
+            f"the body did not arrive within {ctx.config.http_body_timeout:g} s "
+            "(--http-body-timeout)",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await read_body(request)
     if not raw:
         raise invalid([{"field": "body", "message": "a JSON object is required"}])
     try:
@@ -302,7 +323,7 @@ async def register(request: web.Request) -> web.Response:
         except LeaseNotFound:
             pass
     # Read your writes: this replica answers the new record before the client hears back.
-    await ctx.registry.wait(lambda: ctx.registry.revision >= result.revision, WRITE_VISIBLE_WAIT)
+    await ctx.registry.reached(result.revision, WRITE_VISIBLE_WAIT)
     instance = Instance(key, Spec.of(spec, value), lease, result.revision)
     return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
 
@@ -455,7 +476,9 @@ async def deregister(request: web.Request) -> web.Response:
             pass
     # Read your writes: this replica stops answering before the client hears back.
     registry = ctx.registry
-    await registry.wait(lambda: not registry.has_instance_key(store_key), WRITE_VISIBLE_WAIT)
+    await registry.wait_service(
+        key.service_key, lambda: not registry.has_instance_key(store_key), WRITE_VISIBLE_WAIT
+    )
     return web.Response(status=204)
 
 
@@ -482,6 +505,43 @@ def _wait_args(request: web.Request) -> tuple[int | None, float]:
     return index, wait
 
 
+@contextlib.contextmanager
+def _long_poll(request: web.Request) -> Iterator[None]:
+    """Count a parked long poll against its client's address; refuse one past the cap (each
+    holds a socket and memory until its change or its wait comes)."""
+    ctx = request.app[CONTEXT]
+    polls = ctx.long_polls
+    client = request.remote or ""
+    parked = polls.get(client, 0)
+    limit = ctx.config.http_long_polls_per_client
+    if parked >= limit:
+        ctx.metrics.http_refused.labels(reason="long_polls").inc()
+        raise Problem(
+            429,
+            "Too many long polls",
+            f"{client} has {parked} long polls open, the limit per client address "
+            f"(--http-long-polls-per-client) is {limit}",
+            headers={"Retry-After": LONG_POLL_RETRY_AFTER},
+        )
+    polls[client] = parked + 1
+    task = asyncio.current_task()
+    assert task is not None
+    forget = when_gone(request.protocol, task.cancel)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if request.transport is not None or task.cancelling() > 1:
+            raise  # not (only) the client leaving: the server stops, say
+        task.uncancel()
+        raise ConnectionResetError("the client left its long poll") from None
+    finally:
+        forget()
+        if polls[client] <= 1:
+            del polls[client]
+        else:
+            polls[client] -= 1
+
+
 def _indexed(body: Any, registry: Registry) -> web.Response:
     return web.json_response(body, headers={"X-Discovery-Index": str(registry.revision)})
 
@@ -489,8 +549,9 @@ def _indexed(body: Any, registry: Registry) -> web.Response:
 async def list_services(request: web.Request) -> web.Response:
     registry = request.app[CONTEXT].registry
     index, wait = _wait_args(request)
-    if index is not None:
-        await registry.wait(lambda: registry.revision > index, wait)
+    if index is not None and registry.revision <= index:
+        with _long_poll(request):
+            await registry.reached(index + 1, wait)
     services = [
         {
             "namespace": ns,
@@ -507,8 +568,13 @@ async def get_service(request: web.Request) -> web.Response:
     registry = request.app[CONTEXT].registry
     key = _key(request, with_instance=False)
     index, wait = _wait_args(request)
-    if index:  # index=0 never blocks: the registry revision is always past it (Consul too)
-        await registry.wait(lambda: registry.service_revision(key.service_key) > index, wait)
+    service = key.service_key
+    # index=0 never blocks: the registry revision is always past it (Consul too)
+    if index and registry.service_revision(service) <= index:
+        with _long_poll(request):
+            await registry.wait_service(
+                service, lambda: registry.service_revision(service) > index, wait
+            )
     tags = request.query.getall("tag", [])
     instances = sorted(registry.instances(key.service_key).values(), key=lambda i: i.key.name)
     body = {
@@ -524,8 +590,9 @@ async def get_registry(request: web.Request) -> web.Response:
     `discovery check` compares with the store)."""
     registry = request.app[CONTEXT].registry
     index, wait = _wait_args(request)
-    if index is not None:
-        await registry.wait(lambda: registry.revision > index, wait)
+    if index is not None and registry.revision <= index:
+        with _long_poll(request):
+            await registry.reached(index + 1, wait)
     instances = [
         instance.to_json() | {"mod_revision": instance.revision}
         for _, service in sorted(registry.services().items())

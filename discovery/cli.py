@@ -23,7 +23,7 @@ from .config import (
     parse_networks,
     parse_upstreams,
 )
-from .server import Server
+from .server import Server, raise_file_limit
 from .workers import Supervisor
 
 log = logging.getLogger("discovery")
@@ -131,6 +131,21 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ),
     ("--overlay", _flag, False, "program the VXLAN overlay of vxlan networks (CAP_NET_ADMIN)"),
     ("--overlay-resync", _number, 10.0, "seconds between full overlay passes (repairs drift)"),
+    (
+        "--http-long-polls-per-client",
+        _integer,
+        256,
+        "long polls one client address may hold open at once (429 past it)",
+    ),
+    ("--http-max-connections", _integer, 4096, "cap on open HTTP connections (503 past it)"),
+    (
+        "--http-header-timeout",
+        _number,
+        10.0,
+        "seconds a request's headers may take from its first byte (then the connection closes)",
+    ),
+    ("--http-body-timeout", _number, 30.0, "seconds a request's body may take (then 408)"),
+    ("--http-keepalive-timeout", _number, 75.0, "seconds an idle HTTP connection is kept"),
 ]
 _FLAGS = {"--overlay"}  # switches: no value on the command line
 
@@ -239,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "AmbientCapabilities=CAP_NET_ADMIN)"
             )
             return 1
+    raise_file_limit()  # before the workers start: they inherit it
     try:
         sockets = config.bind_sockets()
     except OSError as error:

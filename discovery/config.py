@@ -179,6 +179,11 @@ class Config:
     overlay_observe: bool = False
     # loopback or link-local prefixes a registration may nevertheless use (--allow-address)
     allow_address: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    http_long_polls_per_client: int = 256
+    http_max_connections: int = 4096
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_keepalive_timeout: float = 75.0
 
     def __post_init__(self) -> None:
         if not self.zones:
@@ -235,6 +240,17 @@ class Config:
                 raise ConfigError("--overlay needs --node-ip (this node's underlay address)")
             if ipaddress.ip_address(self.node_ip).version != 4:
                 raise ConfigError("--overlay needs an IPv4 --node-ip (VXLAN over IPv4 only)")
+        if self.http_long_polls_per_client < 1:
+            raise ConfigError("--http-long-polls-per-client must be at least 1")
+        if self.http_max_connections < 1:
+            raise ConfigError("--http-max-connections must be at least 1")
+        for flag, seconds in (
+            ("--http-header-timeout", self.http_header_timeout),
+            ("--http-body-timeout", self.http_body_timeout),
+            ("--http-keepalive-timeout", self.http_keepalive_timeout),
+        ):
+            if not 0 < seconds <= 3600:
+                raise ConfigError(f"{flag} must be between 0 and 3600 seconds")
         if not 0.5 <= self.overlay_resync <= 3600:
             raise ConfigError("--overlay-resync must be between 0.5 and 3600 seconds")
         for upstream in self.upstream:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from .net.overlay import Overlay
     from .registry import Registry
     from .watcher import Watcher
+
+
+class OpenConnections(Protocol):
+    """What the HTTP gauges read of the listener (http_server.HttpConnections)."""
+
+    open: int
 
 
 class Metrics:
@@ -80,6 +86,11 @@ class Metrics:
         self.registry.register(_StateCollector(registry, answers, watcher, stats, tcp))
         if overlay is not None:
             self.registry.register(_OverlayCollector(overlay))
+
+    def watch_http(
+        self, connections: OpenConnections, long_polls: dict[str, int], registry: Registry
+    ) -> None:
+        self.registry.register(_HttpCollector(connections, long_polls, registry))
 
     def watch_forwarding(self, forwarder: Forwarder) -> None:
         self.registry.register(_ForwardCollector(forwarder))
@@ -248,6 +259,30 @@ class _OverlayCollector(Collector):
         )
         changes.add_metric([], overlay.changes)
         yield changes
+
+
+class _HttpCollector(Collector):
+    def __init__(
+        self, connections: OpenConnections, long_polls: dict[str, int], registry: Registry
+    ) -> None:
+        self.connections = connections
+        self.long_polls = long_polls
+        self.source = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield _gauge(
+            "discovery_http_connections", "Open HTTP connections", self.connections.open
+        )
+        yield _gauge(
+            "discovery_http_long_polls",
+            "Long polls parked, waiting for a change",
+            sum(self.long_polls.values()),
+        )
+        yield _gauge(
+            "discovery_http_long_poll_clients",
+            "Client addresses with a parked long poll",
+            len(self.long_polls),
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

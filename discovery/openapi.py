@@ -63,6 +63,13 @@ _ERRORS = {
     "400": _problem("Invalid JSON, field or name"),
     "503": _problem("The store is unreachable; retry after Retry-After seconds"),
 }
+_BODY_ERRORS = {"408": _problem("The body did not arrive within --http-body-timeout")}
+_POLL_ERRORS = {
+    "429": _problem(
+        "This client address holds --http-long-polls-per-client long polls; retry after "
+        "Retry-After seconds"
+    )
+}
 _INDEX = {"X-Discovery-Index": {"schema": {"type": "integer"}, "description": "registry revision"}}
 
 
@@ -186,6 +193,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Register or update an instance with a TTL lease",
                     "requestBody": {"required": True, "content": _json("Registration")},
                     "responses": {
+                        **_BODY_ERRORS,
                         "200": {
                             "description": "Updated",
                             "content": _json("Instance"),
@@ -253,7 +261,11 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "listServices",
                     "summary": "Every service with its instance count and its instances' tags",
                     "parameters": long_poll,
-                    "responses": {"200": {"description": "Services", "headers": _INDEX}, **_ERRORS},
+                    "responses": {
+                        "200": {"description": "Services", "headers": _INDEX},
+                        **_POLL_ERRORS,
+                        **_ERRORS,
+                    },
                 }
             },
             "/v1/services/{ns}/{svc}": {
@@ -264,6 +276,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [*long_poll, _param("tag", "query", {"type": "string"})],
                     "responses": {
                         "200": {"description": "Instances", "headers": _INDEX},
+                        **_POLL_ERRORS,
                         **_ERRORS,
                     },
                 },
@@ -277,6 +290,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": long_poll,
                     "responses": {
                         "200": {"description": "Revision and instances", "headers": _INDEX},
+                        **_POLL_ERRORS,
                         **_ERRORS,
                     },
                 }
@@ -295,6 +309,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Create or change a network",
                     "requestBody": {"required": True, "content": _json("NetworkSpec")},
                     "responses": {
+                        **_BODY_ERRORS,
                         "200": {
                             "description": "Changed",
                             "content": _json("Network"),
@@ -348,6 +363,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Give a container interface an address (idempotent)",
                     "requestBody": {"required": False, "content": _json("AttachmentRequest")},
                     "responses": {
+                        **_BODY_ERRORS,
                         "200": {
                             "description": "Known already",
                             "content": _json("Attachment"),

@@ -73,7 +73,10 @@ class Registry:
         self._feeds: list[Feed] = []
         self._changed: asyncio.Future[None] | None = None
         self._reaching: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap by revision
+        # waiters on one service each (long polls): a change wakes only its service's
+        self._service_waiters: dict[ServiceKey, set[asyncio.Future[None]]] = {}
         self._sequence = 0
+        self._abandoned = 0  # entries of _reaching whose waiter gave up
         self._keys = NetworkKeys(prefix)
         self._clear()
 
@@ -108,10 +111,19 @@ class Registry:
         self.closed = True
         self._notify()
 
-    def _notify(self) -> None:
+    def _notify(self, services: Iterable[ServiceKey] | None = None) -> None:
+        """Wake the waiters on any change, those whose revision has come, and the waiters
+        on `services` (on every service when None: a full load, or closing)."""
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
+        waiting = self._service_waiters
+        if waiting:
+            woken = list(waiting) if services is None else [s for s in services if s in waiting]
+            for service in woken:
+                for future in waiting.pop(service):
+                    if not future.done():
+                        future.set_result(None)
         reached = self._reaching
         while reached and (reached[0][0] <= self.revision or self.closed):
             _, _, waiter = heapq.heappop(reached)
@@ -126,14 +138,50 @@ class Registry:
             return True
         if self.closed:
             return False
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._sequence += 1
         heapq.heappush(self._reaching, (revision, self._sequence, waiter))
+        timer = loop.call_later(timeout, _wake, waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
+            if self.revision < revision:  # gave up: its entry waits in the heap for nothing
+                self._abandoned += 1
+                if self._abandoned > 64 and self._abandoned * 2 > len(self._reaching):
+                    self._reaching = [entry for entry in self._reaching if not entry[2].done()]
+                    heapq.heapify(self._reaching)
+                    self._abandoned = 0
         return self.revision >= revision
+
+    async def wait_service(
+        self, service: ServiceKey, predicate: Callable[[], bool], timeout: float
+    ) -> bool:
+        """Like wait(), but woken only by changes to `service` (a long poll on it): a change
+        elsewhere costs these waiters nothing. Nothing is kept once they return."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.closed:
+                return False
+            waiter = loop.create_future()
+            waiters = self._service_waiters.setdefault(service, set())
+            waiters.add(waiter)
+            timer = loop.call_later(remaining, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                waiters.discard(waiter)
+                if not waiters and self._service_waiters.get(service) is waiters:
+                    del self._service_waiters[service]
+        return True
+
+    def service_waiters(self) -> int:
+        """How many waiters are parked on single services."""
+        return sum(len(waiters) for waiters in self._service_waiters.values())
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until predicate() holds or the timeout passes; returns predicate()."""
@@ -244,7 +292,7 @@ class Registry:
         self.revision = changes.revision
         for feed in self._feeds:
             feed.update(self, changes)
-        self._notify()
+        self._notify(changes.services)
 
     def _put(self, kv: KeyValue, changes: Changes) -> None:
         self._delete(kv.key, kv.mod_revision, changes)
@@ -354,6 +402,11 @@ class Registry:
             cidr = self._keys.block_of(store_key)
             if _pop(self._blocks, network, cidr) is not None:
                 changes.blocks.add(network)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _pop(index: dict[K, dict[S, V]], outer: K, inner: S) -> V | None:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
 from .dns.resolver import Resolver
 from .dns.transport import TcpConnections, TcpLimits, open_listeners
+from .http_server import GuardedSite, HttpConnections
 from .metrics import Metrics
 from .model import records_prefix
 from .net import routes as network_routes
@@ -60,6 +62,21 @@ def _glue_address(host: str) -> str | None:
     except ValueError:
         return None
     return None if address.is_unspecified else address.compressed
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit: every HTTP and DNS TCP
+    connection is a descriptor, and 1,024 (a common soft default) is below the caps."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default nr_open
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open file limit from %d: %s", soft, error)
+    log.info("open file limit %d", soft)
+    return soft
 
 
 class _FreezeAfterLoad:
@@ -131,6 +148,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self.cni: CniAgent | None = None
         self._stop = asyncio.Event()
+        self.long_polls: dict[str, int] = {}  # parked long polls per client address
 
     @property
     def app(self) -> web.Application | None:
@@ -174,15 +192,31 @@ class Server:
                 self.overlay,
             )
             context = Context(
-                config, self.store, self.registry, self.metrics, self.ipam, self.overlay
+                config,
+                self.store,
+                self.registry,
+                self.metrics,
+                self.ipam,
+                self.overlay,
+                long_polls=self.long_polls,
             )
             if self.forwarder is not None:
                 self.metrics.watch_forwarding(self.forwarder)
             app = create_app(context, network_routes.add_routes, dashboard_routes(self.dns_address))
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+            self._runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=5,
+                keepalive_timeout=config.http_keepalive_timeout,
+                lingering_time=2.0,  # after a 408 or 413, not the whole body timeout again
+            )
             self._tasks.append(asyncio.create_task(self._adopt_node_lease(), name="node-lease"))
             await self._runner.setup()
-            site = web.SockSite(self._runner, self._sockets.http, backlog=1024)
+            connections = HttpConnections(
+                config.http_max_connections, config.http_header_timeout, self.metrics
+            )
+            self.metrics.watch_http(connections, context.long_polls, self.registry)
+            site = GuardedSite(self._runner, self._sockets.http, connections, backlog=1024)
             await site.start()
             await self._start_cni()
         except BaseException:

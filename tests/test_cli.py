@@ -309,13 +309,15 @@ async def test_shutdown_with_a_long_poll_in_flight_is_prompt() -> None:
             assert await client.wait_cache(
                 lambda: ("default", "web") in server.registry.services()
             )
-            real_wait = server.registry.wait
+            real_wait = server.registry.wait_service
 
-            async def wait(predicate: Callable[[], bool], seconds: float) -> bool:
+            async def wait(
+                service: tuple[str, str], predicate: Callable[[], bool], seconds: float
+            ) -> bool:
                 polling.set()  # the long poll has reached its handler
-                return await real_wait(predicate, seconds)
+                return await real_wait(service, predicate, seconds)
 
-            server.registry.wait = wait  # type: ignore[method-assign]
+            server.registry.wait_service = wait  # type: ignore[method-assign]
             path = f"/v1/services/default/web?index={server.registry.revision}&wait=30s"
             long_poll = asyncio.create_task(client.request("GET", path))
             async with asyncio.timeout(5):

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from ..api import CONTEXT, Problem, invalid, read_json, validation_errors
+from ..api import CONTEXT, Problem, invalid, read_body, read_json, validation_errors
 from ..model import is_label
 from .ipam import Ipam, IpamError
 from .overlay import Overlay
@@ -150,7 +150,7 @@ async def delete_network(request: web.Request) -> web.Response:
 async def put_attachment(request: web.Request) -> web.Response:
     ipam = _ipam(request)
     network, container_id, ifname = _attachment_path(request)
-    raw = await request.read()
+    raw = await read_body(request)
     body = (
         AttachmentRequest()
         if not raw.strip()
