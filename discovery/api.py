@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -14,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -45,6 +48,8 @@ MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 RETRY_AFTER = "2"
 LONG_POLL_RETRY_AFTER = "5"
+PAGE = 500  # entries of a listing page when ?limit= is not given
+MAX_PAGE = 5000
 WRITE_VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's cache to show it
 PROBLEM = "application/problem+json"
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before the answer
@@ -306,6 +311,8 @@ async def register(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     key = _key(request)
     spec = _validate(await read_json(request), ctx.config, key)
+    if ctx.registry.instance(key) is None:
+        _check_room(ctx, key)
     store_key = key.store_key(ctx.config.etcd_prefix)
     value = encode_registration(spec)
     lease = await ctx.store.grant(spec.ttl)
@@ -326,6 +333,28 @@ async def register(request: web.Request) -> web.Response:
     await ctx.registry.reached(result.revision, WRITE_VISIBLE_WAIT)
     instance = Instance(key, Spec.of(spec, value), lease, result.revision)
     return web.json_response(_instance_body(instance), status=200 if result.prev else 201)
+
+
+def _check_room(ctx: Context, key: InstanceKey) -> None:
+    """Refuse a new instance past the service's or the namespace's limit (as this replica
+    sees them: replicas a moment apart may let a few more through)."""
+    config, registry = ctx.config, ctx.registry
+    limits = (
+        ("instances_per_service", len(registry.instances(key.service_key)),
+         config.max_instances_per_service, f"service {key.service}.{key.namespace}"),
+        ("instances_per_namespace", registry.namespace_size(key.namespace),
+         config.max_instances_per_namespace, f"namespace {key.namespace}"),
+    )  # fmt: skip
+    for reason, count, limit, what in limits:
+        if count >= limit:
+            ctx.metrics.http_refused.labels(reason=reason).inc()
+            flag = "--max-" + reason.replace("_", "-")
+            raise Problem(
+                409,
+                "Limit reached",
+                f"the {what} has {count} instances, the limit ({flag}) is {limit}: "
+                "deregister some first",
+            )
 
 
 async def _stored(ctx: Context, key: InstanceKey) -> Instance | None:
@@ -546,12 +575,56 @@ def _indexed(body: Any, registry: Registry) -> web.Response:
     return web.json_response(body, headers={"X-Discovery-Index": str(registry.revision)})
 
 
+def _page_args(request: web.Request, parts: int) -> tuple[int, tuple[str, ...] | None]:
+    """`?limit=` (default PAGE, at most MAX_PAGE) and `?after=` (the `next` of the page
+    before: `parts` names joined by '/')."""
+    errors = []
+    limit = PAGE
+    limit_text = request.query.get("limit")
+    if limit_text is not None:
+        if re.fullmatch(r"[0-9]{1,6}", limit_text) is None or not 1 <= int(limit_text) <= MAX_PAGE:
+            errors.append({"field": "limit", "message": f"must be an integer 1-{MAX_PAGE}"})
+        else:
+            limit = int(limit_text)
+    after: tuple[str, ...] | None = None
+    after_text = request.query.get("after")
+    if after_text is not None:
+        names = tuple(after_text.split("/"))
+        if len(names) != parts or len(after_text) > 255:
+            errors.append({"field": "after", "message": "must be the `next` of a page before"})
+        else:
+            after = names
+    if errors:
+        raise invalid(errors)
+    return limit, after
+
+
+def _paged(
+    request: web.Request, body: dict[str, Any], registry: Registry, limit: int, last: str | None
+) -> web.Response:
+    """The page, with `next` and a Link header (RFC 8288) when there is more."""
+    headers = {"X-Discovery-Index": str(registry.revision)}
+    body["next"] = last
+    if last is not None:
+        query = MultiDict(
+            (k, v) for k, v in request.query.items() if k not in ("index", "wait", "after")
+        )
+        query["after"] = last
+        query["limit"] = str(limit)
+        headers["Link"] = f'<{request.rel_url.with_query(query)}>; rel="next"'
+    return web.json_response(body, headers=headers)
+
+
 async def list_services(request: web.Request) -> web.Response:
     registry = request.app[CONTEXT].registry
     index, wait = _wait_args(request)
+    limit, after = _page_args(request, 2)
     if index is not None and registry.revision <= index:
         with _long_poll(request):
             await registry.reached(index + 1, wait)
+    keys = registry.sorted_services()
+    start = bisect.bisect_right(keys, after) if after is not None else 0
+    page = keys[start : start + limit]
     services = [
         {
             "namespace": ns,
@@ -559,15 +632,18 @@ async def list_services(request: web.Request) -> web.Response:
             "instances": len(instances),
             "tags": sorted({tag for i in instances.values() for tag in i.spec.tags}),
         }
-        for (ns, svc), instances in sorted(registry.services().items())
+        for ns, svc in page
+        for instances in (registry.instances((ns, svc)),)
     ]
-    return _indexed({"services": services}, registry)
+    last = "/".join(page[-1]) if start + limit < len(keys) else None
+    return _paged(request, {"services": services}, registry, limit, last)
 
 
 async def get_service(request: web.Request) -> web.Response:
     registry = request.app[CONTEXT].registry
     key = _key(request, with_instance=False)
     index, wait = _wait_args(request)
+    limit, after = _page_args(request, 1)
     service = key.service_key
     # index=0 never blocks: the registry revision is always past it (Consul too)
     if index and registry.service_revision(service) <= index:
@@ -576,30 +652,56 @@ async def get_service(request: web.Request) -> web.Response:
                 service, lambda: registry.service_revision(service) > index, wait
             )
     tags = request.query.getall("tag", [])
-    instances = sorted(registry.instances(key.service_key).values(), key=lambda i: i.key.name)
-    body = {
-        "namespace": key.namespace,
-        "service": key.service,
-        "instances": [i.to_json() for i in instances if all(t in i.spec.tags for t in tags)],
-    }
-    return _indexed(body, registry)
+    names = registry.sorted_names(service)
+    instances = registry.instances(service)
+    page: list[dict[str, object]] = []
+    last = None
+    start = bisect.bisect_right(names, after[0]) if after is not None else 0
+    for name in itertools.islice(names, start, None):
+        instance = instances[name]
+        if all(t in instance.spec.tags for t in tags):
+            if len(page) == limit:
+                last = str(page[-1]["name"])
+                break
+            page.append(instance.to_json())
+    body = {"namespace": key.namespace, "service": key.service, "instances": page}
+    return _paged(request, body, registry, limit, last)
 
 
 async def get_registry(request: web.Request) -> web.Response:
     """Every instance registered over the API and the revision it reflects (what
-    `discovery check` compares with the store)."""
+    `discovery check` compares with the store), a page at a time."""
     registry = request.app[CONTEXT].registry
     index, wait = _wait_args(request)
+    limit, after = _page_args(request, 3)
     if index is not None and registry.revision <= index:
         with _long_poll(request):
             await registry.reached(index + 1, wait)
-    instances = [
-        instance.to_json() | {"mod_revision": instance.revision}
-        for _, service in sorted(registry.services().items())
-        for _, instance in sorted(service.items())
-        if registry.registered(instance.key) is instance
-    ]
-    return _indexed({"revision": registry.revision, "instances": instances}, registry)
+    keys = registry.sorted_services()
+    first = bisect.bisect_left(keys, after[:2]) if after is not None else 0
+    page: list[dict[str, object]] = []
+    last = None
+    for service in itertools.islice(keys, first, None):
+        names = registry.sorted_names(service)
+        start = 0
+        if after is not None and service == after[:2]:
+            start = bisect.bisect_right(names, after[2])
+        instances = registry.instances(service)
+        for name in itertools.islice(names, start, None):
+            instance = instances[name]
+            if registry.registered(instance.key) is not instance:
+                continue  # made by an attachment
+            if len(page) == limit:
+                break
+            page.append(instance.to_json() | {"mod_revision": instance.revision})
+            last = f"{service[0]}/{service[1]}/{name}"
+        else:
+            continue
+        break
+    else:
+        last = None
+    body = {"revision": registry.revision, "instances": page}
+    return _paged(request, body, registry, limit, last)
 
 
 async def get_instance(request: web.Request) -> web.Response:

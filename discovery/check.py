@@ -153,11 +153,46 @@ async def check_replica(
     return report
 
 
+PAGE_ATTEMPTS = 5
+
+
 async def _registry(
     session: aiohttp.ClientSession, replica: str, report: Report, index: int | None, wait: float
 ) -> dict[str, Any] | None:
+    """The replica's whole registry at one revision, read page by page (again from the first
+    page when the revision moved between pages, a few times)."""
+    for _ in range(PAGE_ATTEMPTS):
+        first = await _registry_page(session, replica, report, index, wait, None)
+        if first is None:
+            return None
+        instances = list(first.get("instances") or ())
+        page: dict[str, Any] | None = first
+        while page is not None and isinstance(page.get("next"), str):
+            page = await _registry_page(session, replica, report, None, wait, page["next"])
+            if page is None:
+                return None
+            if page.get("revision") != first.get("revision"):
+                break  # changed under the listing: start again
+            instances.extend(page.get("instances") or ())
+        else:
+            return first | {"instances": instances}
+        index = None
+    report.error = f"its registry kept changing while read ({PAGE_ATTEMPTS} attempts)"
+    return None
+
+
+async def _registry_page(
+    session: aiohttp.ClientSession,
+    replica: str,
+    report: Report,
+    index: int | None,
+    wait: float,
+    after: str | None,
+) -> dict[str, Any] | None:
     url = replica.rstrip("/") + "/v1/registry"
     params = {"index": str(index), "wait": f"{wait:g}s"} if index is not None else {}
+    if after is not None:
+        params |= {"after": after, "limit": "5000"}
     try:
         async with session.get(
             url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)

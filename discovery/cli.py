@@ -137,6 +137,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         256,
         "long polls one client address may hold open at once (429 past it)",
     ),
+    ("--max-instances-per-service", _integer, 10000, "live instances one service may have"),
+    ("--max-instances-per-namespace", _integer, 100000, "live instances one namespace may have"),
     ("--http-max-connections", _integer, 4096, "cap on open HTTP connections (503 past it)"),
     (
         "--http-header-timeout",

@@ -335,16 +335,24 @@ class DiscoveryClient:
         params = {}
         if index is not None:
             params = {"index": str(index), "wait": f"{wait:g}s"}
-        status, body, headers = await self.request(
-            "GET",
-            f"/v1/services/{_q(namespace)}/{_q(service)}",
-            params=params,
-            timeout=wait + self.timeout,
-        )
-        if status != 200 or not isinstance(body, dict):
-            raise DiscoveryError(f"listing {service}.{namespace} answered {status}")
-        instances = [Instance.from_json(item) for item in body.get("instances", ())]
-        return instances, int(headers.get("X-Discovery-Index", "0"))
+        instances: list[Instance] = []
+        revision = None
+        while True:  # page by page (`next`); the first one may be a long poll
+            status, body, headers = await self.request(
+                "GET",
+                f"/v1/services/{_q(namespace)}/{_q(service)}",
+                params=params,
+                timeout=wait + self.timeout,
+            )
+            if status != 200 or not isinstance(body, dict):
+                raise DiscoveryError(f"listing {service}.{namespace} answered {status}")
+            instances.extend(Instance.from_json(item) for item in body.get("instances", ()))
+            if revision is None:  # a change between pages: the next poll returns at once
+                revision = int(headers.get("X-Discovery-Index", "0"))
+            after = body.get("next")
+            if not isinstance(after, str):
+                return instances, revision
+            params = {"after": after, "limit": "5000"}
 
     async def watch(
         self, namespace: str, service: str, *, wait: float = WATCH_WAIT

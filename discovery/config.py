@@ -180,6 +180,8 @@ class Config:
     # loopback or link-local prefixes a registration may nevertheless use (--allow-address)
     allow_address: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     http_long_polls_per_client: int = 256
+    max_instances_per_service: int = 10_000
+    max_instances_per_namespace: int = 100_000
     http_max_connections: int = 4096
     http_header_timeout: float = 10.0
     http_body_timeout: float = 30.0
@@ -242,6 +244,8 @@ class Config:
                 raise ConfigError("--overlay needs an IPv4 --node-ip (VXLAN over IPv4 only)")
         if self.http_long_polls_per_client < 1:
             raise ConfigError("--http-long-polls-per-client must be at least 1")
+        if self.max_instances_per_service < 1 or self.max_instances_per_namespace < 1:
+            raise ConfigError("--max-instances-per-service and -namespace must be at least 1")
         if self.http_max_connections < 1:
             raise ConfigError("--http-max-connections must be at least 1")
         for flag, seconds in (

@@ -70,7 +70,10 @@ _POLL_ERRORS = {
         "Retry-After seconds"
     )
 }
-_INDEX = {"X-Discovery-Index": {"schema": {"type": "integer"}, "description": "registry revision"}}
+_INDEX = {
+    "X-Discovery-Index": {"schema": {"type": "integer"}, "description": "registry revision"},
+    "Link": {"schema": {"type": "string"}, "description": 'the next page (rel="next")'},
+}
 
 
 @cache
@@ -166,6 +169,10 @@ def openapi_document() -> dict[str, Any]:
             {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9})?(ms|s|m|h)?$"},
         ),
     ]
+    paging = [
+        _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 5000}),
+        _param("after", "query", {"type": "string", "maxLength": 255}),
+    ]
     instance_path = "/v1/services/{ns}/{svc}/instances/{inst}"
     network_path = "/v1/networks/{net}"
     attachment_path = network_path + "/attachments/{container_id}/{ifname}"
@@ -204,6 +211,10 @@ def openapi_document() -> dict[str, Any]:
                             "content": _json("Instance"),
                             "links": instance_links,
                         },
+                        "409": _problem(
+                            "A new instance past --max-instances-per-service or "
+                            "--max-instances-per-namespace"
+                        ),
                         "413": _problem("Body over 64 KiB"),
                         **_ERRORS,
                     },
@@ -259,8 +270,9 @@ def openapi_document() -> dict[str, Any]:
             "/v1/services": {
                 "get": {
                     "operationId": "listServices",
-                    "summary": "Every service with its instance count and its instances' tags",
-                    "parameters": long_poll,
+                    "summary": "Every service with its instance count and its instances' tags, a "
+                    "page at a time (`next` is the `after` of the next page; also a Link header)",
+                    "parameters": [*long_poll, *paging],
                     "responses": {
                         "200": {"description": "Services", "headers": _INDEX},
                         **_POLL_ERRORS,
@@ -273,7 +285,11 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "getService",
                     "summary": "Live instances of a service (long poll with index and wait)",
-                    "parameters": [*long_poll, _param("tag", "query", {"type": "string"})],
+                    "parameters": [
+                        *long_poll,
+                        *paging,
+                        _param("tag", "query", {"type": "string"}),
+                    ],
                     "responses": {
                         "200": {"description": "Instances", "headers": _INDEX},
                         **_POLL_ERRORS,
@@ -286,8 +302,8 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getRegistry",
                     "summary": "Every registered instance and the store revision this replica "
                     "reflects (for `discovery check`); ?index=N&wait=… blocks until the "
-                    "revision passes N",
-                    "parameters": long_poll,
+                    "revision passes N; a page at a time",
+                    "parameters": [*long_poll, *paging],
                     "responses": {
                         "200": {"description": "Revision and instances", "headers": _INDEX},
                         **_POLL_ERRORS,

@@ -87,6 +87,10 @@ class Registry:
         self._services: dict[ServiceKey, dict[str, Instance]] = {}  # registered over derived
         self._instance_keys: dict[bytes, InstanceKey] = {}
         self._service_revision: dict[ServiceKey, int] = {}
+        # for listings page by page: names in order, made again only when names come or go
+        self._sorted_services: list[ServiceKey] | None = None
+        self._sorted_names: dict[ServiceKey, list[str]] = {}
+        self._namespace_counts: dict[str, int] = {}  # live instances per namespace
         # who holds an address: instances by key, attachments by store key
         self._by_address: dict[str, dict[object, Instance | Attachment]] = {}
         self._networks: dict[str, Network] = {}
@@ -221,6 +225,23 @@ class Registry:
 
     def has_instance_key(self, store_key: bytes) -> bool:
         return store_key in self._instance_keys
+
+    def sorted_services(self) -> list[ServiceKey]:
+        """Every service with a live instance, in order (kept until services come or go)."""
+        if self._sorted_services is None:
+            self._sorted_services = sorted(self._services)
+        return self._sorted_services
+
+    def sorted_names(self, service: ServiceKey) -> list[str]:
+        """The service's instance names in order (kept until names come or go)."""
+        names = self._sorted_names.get(service)
+        if names is None:
+            names = self._sorted_names[service] = sorted(self._services.get(service, _EMPTY))
+        return names
+
+    def namespace_size(self, namespace: str) -> int:
+        """Live instances in the namespace."""
+        return self._namespace_counts.get(namespace, 0)
 
     def service_revision(self, service: ServiceKey) -> int:
         """The revision of the service's last change (0: never seen)."""
@@ -362,10 +383,19 @@ class Registry:
             del self._services[service][key.name]
             if not self._services[service]:
                 del self._services[service]
+                self._sorted_services = None
         if new is not None:
+            if service not in self._services:
+                self._sorted_services = None
             self._services.setdefault(service, {})[key.name] = new
             self._by_address.setdefault(new.spec.address, {})[key] = new
             changes.addresses.add(new.spec.address)
+        if (old is None) != (new is None):  # a name comes or goes (not an update)
+            self._sorted_names.pop(service, None)
+            counts = self._namespace_counts
+            counts[key.namespace] = counts.get(key.namespace, 0) + (1 if old is None else -1)
+            if not counts[key.namespace]:
+                del counts[key.namespace]
         changes.instances.add(key)
         changes.services.add(service)
         self._service_revision[service] = max(changes.revision, self.revision)

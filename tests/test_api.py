@@ -283,7 +283,7 @@ async def test_delete(client: Client) -> None:
 
 async def test_list_services(client: Client) -> None:
     status, body, headers = await client.request("GET", "/v1/services")
-    assert status == 200 and body == {"services": []}
+    assert status == 200 and body == {"services": [], "next": None}
     empty_index = int(headers["X-Discovery-Index"])
     await client.register("default", "web", "web-1", address="10.0.0.1", tags=["b", "a"])
     await client.register("default", "web", "web-2", address="10.0.0.1", tags=["a", "canary"])
@@ -295,7 +295,7 @@ async def test_list_services(client: Client) -> None:
     assert body == {"services": [
         {"namespace": "default", "service": "web", "instances": 2, "tags": ["a", "b", "canary"]},
         {"namespace": "prod", "service": "api", "instances": 1, "tags": []},
-    ]}
+    ], "next": None}
     assert int(headers["X-Discovery-Index"]) > empty_index
 
 
@@ -320,7 +320,7 @@ async def test_get_service_with_tag_filters(client: Client) -> None:
     assert await names("?tag=nope") == []
     status, body, _ = await client.request("GET", "/v1/services/default/unknown")
     assert status == 200
-    assert body == {"namespace": "default", "service": "unknown", "instances": []}
+    assert body == {"namespace": "default", "service": "unknown", "instances": [], "next": None}
 
 
 async def test_get_instance(client: Client) -> None:
