@@ -10,6 +10,7 @@ rightly be refused with 400/404.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -45,5 +46,25 @@ async def test_the_api_keeps_every_promise_of_its_openapi_document(tmp_path: Pat
     async with serve("--min-ttl", "2") as server:
         url = f"http://{server.http[0]}:{server.http[1]}"
         code, output = await schemathesis(url, tmp_path)
+    log = "".join(server.stderr)
     assert code == 0, output[-6000:]
     assert "passed" in output and "Stateful" in output, output[-3000:]
+    # a client error never shows up as a traceback in the log (SPEC "Registration API")
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+
+
+async def test_a_request_aiohttp_cannot_parse_gets_400_and_no_traceback() -> None:
+    async with serve() as server:
+        reader, writer = await asyncio.open_connection(*server.http)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Bad: \x00\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        # the server goes on answering
+        reader, writer = await asyncio.open_connection(*server.http)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        after = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+    assert status.split()[1] == b"400", status
+    assert after.startswith(b"HTTP/1.1 200"), after
+    log = "".join(server.stderr)
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
