@@ -4,6 +4,7 @@ test uses namespaces of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +35,14 @@ DNS_LINE = re.compile(r"DNS listening on (\S+):(\d+) ")
 WAIT_MS = 10_000  # for what the page must show; a failure names what was missing
 
 try:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+    from playwright.sync_api import (
+        Browser,
+        ConsoleMessage,
+        Page,
+        Route,
+        expect,
+        sync_playwright,
+    )
 except ImportError:  # pragma: no cover - the test extra installs it
     sync_playwright = None  # type: ignore[assignment]
 
@@ -45,9 +54,12 @@ class Served:
     proc: subprocess.Popen[str]
     log: list[str] = field(default_factory=list)
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, Any]:
+    def call(
+        self, method: str, path: str, body: Any = None, token: str = ""
+    ) -> tuple[int, bytes, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.base + path, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, response.read(), response.headers
@@ -55,18 +67,25 @@ class Served:
             with error:
                 return error.code, error.read(), error.headers
 
-    def register(self, ns: str, svc: str, inst: str, **body: Any) -> None:
+    def register(self, ns: str, svc: str, inst: str, token: str = "", **body: Any) -> None:
         body.setdefault("address", "10.1.2.3")
-        status, raw, _ = self.call("PUT", f"/v1/services/{ns}/{svc}/instances/{inst}", body)
+        path = f"/v1/services/{ns}/{svc}/instances/{inst}"
+        status, raw, _ = self.call("PUT", path, body, token)
         assert status in (200, 201), raw
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
+    with serving("--min-ttl", "2") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(*args: str) -> Iterator[Served]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOVERY_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "discovery", "serve", "--http", "127.0.0.1:0",
-         "--dns", "127.0.0.1:0", "--cni-socket", "", "--min-ttl", "2"],
+         "--dns", "127.0.0.1:0", "--cni-socket", "", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, env=env,
     )  # fmt: skip
@@ -344,3 +363,25 @@ def test_no_sideways_scrolling(served: Served, browser: Browser, width: int) -> 
             assert scroll_width <= width, (path, scroll_width)
     finally:
         context.close()
+
+
+def test_lists_are_read_a_page_at_a_time(served: Served, page: Watched) -> None:
+    for n in range(5):
+        served.register("paged", f"svc-{n}", "i-1")
+    tab = page.page
+
+    # every listing the page asks for comes two entries a page: the list must still be whole
+    def two_a_page(route: Route) -> None:
+        url = urllib.parse.urlsplit(route.request.url)
+        query = dict(urllib.parse.parse_qsl(url.query)) | {"limit": "2"}
+        route.continue_(url=url._replace(query=urllib.parse.urlencode(query)).geturl())
+
+    tab.route(re.compile(r".*/v1/services(\?.*)?$"), two_a_page)
+    tab.goto(served.base + "/ui/")
+    section = tab.locator('section[data-namespace="paged"]')
+    expect(section.locator("tbody tr")).to_have_count(5)
+    expect(tab.locator("#live")).to_have_text(re.compile("Live"))
+    served.register("paged", "svc-new", "i-1")  # the long poll answers with the first page
+    expect(section.locator('tr[data-key="paged/svc-new"]')).to_be_visible(timeout=WAIT_MS)
+    expect(section.locator("tbody tr")).to_have_count(6)
+    expect(tab.locator("#summary")).to_have_text(re.compile(r"^\d+ services"))

@@ -10,6 +10,7 @@
   const tokenInput = document.getElementById("token");
   const TOKEN_KEY = "discovery.token";
   const WAIT = "30s";
+  const PAGE = 5000; // entries per listing page: the most the API hands out at once
   let tokenWaiters = [];
   let clockSkew = 0; // server clock minus this browser's, from the Date header
 
@@ -109,7 +110,12 @@
     return response;
   }
 
+  function showToken() {
+    tokenInput.placeholder = token() ? "a token is in use" : "";
+  }
+
   function tokenChanged() {
+    showToken();
     const waiters = tokenWaiters;
     tokenWaiters = [];
     for (const resume of waiters) resume();
@@ -156,17 +162,35 @@
         backoff = Math.min(backoff * 2, 10000);
         continue;
       }
+      const notice = document.getElementById("token-needed");
+      if (notice) notice.hidden = true;
       return { data: await response.json(), index: Number(response.headers.get("X-Discovery-Index")) };
     }
   }
 
-  // One long poll per page: `path` answers when the registry moved past `index`.
-  async function follow(path, index, render) {
+  // A listing a page at a time: the rest of `answer`'s pages (each names the `next`),
+  // appended to its `list` (one change between pages is put right by the next long poll).
+  async function rest(path, answer, list) {
+    let next = answer.data.next;
+    while (next) {
+      const page = await fetchJson(`${path}?limit=${PAGE}&after=${encodeURIComponent(next)}`);
+      answer.data[list] = answer.data[list].concat(page.data[list]);
+      next = page.data.next;
+    }
+    return answer;
+  }
+
+  // One long poll per page: `path` answers when the registry moved past `index`; with
+  // `list`, every page of that listing is read before `render` sees it.
+  async function follow(path, index, render, list = null) {
     setLive("Live: following changes as they happen.");
     for (;;) {
-      const separator = path.includes("?") ? "&" : "?";
-      const url = index > 0 ? `${path}${separator}index=${index}&wait=${WAIT}` : path;
-      const answer = await fetchJson(url);
+      const query = list ? `limit=${PAGE}` : "";
+      const wait = index > 0 ? `index=${index}&wait=${WAIT}` : "";
+      const parts = [path.includes("?") ? path.split("?")[1] : "", query, wait].filter(Boolean);
+      const url = path.split("?")[0] + (parts.length ? "?" + parts.join("&") : "");
+      let answer = await fetchJson(url);
+      if (list) answer = await rest(path, answer, list);
       await render(answer.data);
       if (answer.index > 0) index = answer.index;
       setLive("Live: following changes as they happen.");
@@ -175,6 +199,7 @@
 
   // --- the token form -------------------------------------------------------------------
   tokenForm.hidden = false;
+  showToken();
   tokenForm.addEventListener("submit", (event) => {
     event.preventDefault();
     const value = tokenInput.value.trim();
@@ -297,7 +322,7 @@
       applyFilter();
     });
     const index = Number(body.dataset.index || 0);
-    follow("/v1/services", index, render);
+    follow("/v1/services", index, render, "services");
   }
 
   // --- one service ----------------------------------------------------------------------
@@ -506,7 +531,7 @@
     for (const time of tbody.querySelectorAll("time[data-expires]")) {
       time.textContent = countdown(time.closest("tr").dataset.key);
     }
-    follow(apiPath(ns, svc), Number(body.dataset.index || 0), render);
+    follow(apiPath(ns, svc), Number(body.dataset.index || 0), render, "instances");
   }
 
   // --- networks -------------------------------------------------------------------------
@@ -556,10 +581,11 @@
     }
 
     // Network changes move the registry's revision, which the service list's long poll
-    // follows: one long poll for the page, then a fresh read of the networks.
+    // follows (one entry is enough): one long poll for the page, then a fresh read.
+    const trigger = "/v1/services?limit=1";
     const index = Number(body.dataset.index || 0);
-    if (index > 0) follow("/v1/services", index, render);
-    else render().then(() => follow("/v1/services", 0, render));
+    if (index > 0) follow(trigger, index, render);
+    else render().then(() => follow(trigger, 0, render));
   }
 
   // --- health ---------------------------------------------------------------------------
