@@ -5,6 +5,8 @@ test uses namespaces of its own."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -24,6 +26,8 @@ import dns.message
 import dns.query
 import pytest
 from needs import unavailable
+
+from discovery.config import Config
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -385,3 +389,57 @@ def test_lists_are_read_a_page_at_a_time(served: Served, page: Watched) -> None:
     expect(section.locator('tr[data-key="paged/svc-new"]')).to_be_visible(timeout=WAIT_MS)
     expect(section.locator("tbody tr")).to_have_count(6)
     expect(tab.locator("#summary")).to_have_text(re.compile(r"^\d+ services"))
+
+
+def test_a_token_typed_into_the_page(served: Served, browser: Browser, tmp_path: Path) -> None:
+    if "auth_file" not in {f.name for f in dataclasses.fields(Config)}:
+        pytest.skip("this server has no --auth-file yet")
+
+    def digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"tokens": [
+        {"name": "reader", "sha256": digest("reader-token"), "namespaces": ["*"],
+         "rights": ["read"]},
+        {"name": "writer", "sha256": digest("writer-token"), "namespaces": ["locked"],
+         "rights": ["read", "write"]},
+    ]}))  # fmt: skip
+    with serving("--auth-file", str(auth)) as locked:
+        locked.register("locked", "web", "web-1", token="writer-token")
+        context = browser.new_context()
+        try:
+            tab = context.new_page()
+            problems: list[str] = []
+            tab.on("pageerror", lambda error: problems.append(str(error)))
+            tab.goto(locked.base + "/ui/services/locked/web")
+            # without a token the first paint shows nothing of the registry, and says why
+            expect(tab.locator("#token-needed")).to_be_visible()
+            expect(tab.locator("#live")).to_have_text(re.compile("needs an API token"))
+            row = tab.locator('tr[data-key="web-1"]')
+            expect(row).to_have_count(0)
+            token = tab.get_by_label("API token")
+            token.fill("reader-token")
+            token.press("Enter")
+            expect(row).to_contain_text("10.1.2.3")
+            expect(tab.locator("#token-needed")).to_be_hidden()
+            # a read-only token: the server refuses the deregistration, the buttons go
+            tab.once("dialog", lambda dialog: dialog.accept())
+            tab.get_by_role("button", name="Deregister web-1").click()
+            expect(tab.locator("#message")).to_have_text(re.compile("may not deregister"))
+            expect(tab.get_by_role("button", name="Deregister web-1")).to_have_count(0)
+            path = "/v1/services/locked/web/instances/web-1"
+            assert locked.call("GET", path, token="reader-token")[0] == 200
+            # a token with the write right brings them back, and deregisters
+            token.fill("writer-token")
+            token.press("Enter")
+            tab.once("dialog", lambda dialog: dialog.accept())
+            tab.get_by_role("button", name="Deregister web-1").click()
+            expect(row).to_have_count(0, timeout=WAIT_MS)
+            # the token stays in this tab: the list page reads with it
+            tab.goto(locked.base + "/ui/")
+            locked.register("locked", "api", "api-1", token="writer-token")
+            expect(tab.locator('tr[data-key="locked/api"]')).to_be_visible(timeout=WAIT_MS)
+            assert not problems, problems
+        finally:
+            context.close()
