@@ -11,12 +11,13 @@ wake when a change lands.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .model import Instance, InstanceKey, decode_registration
 from .net.records import Attachment, Block, Network, NetworkKeys, attachment_instance
@@ -87,7 +88,7 @@ class Registry:
         self._services: dict[ServiceKey, dict[str, Instance]] = {}  # registered over derived
         self._instance_keys: dict[bytes, InstanceKey] = {}
         self._service_revision: dict[ServiceKey, int] = {}
-        # for listings page by page: names in order, made again only when names come or go
+        # for listings page by page: names in order, sorted once and then kept in order
         self._sorted_services: list[ServiceKey] | None = None
         self._sorted_names: dict[ServiceKey, list[str]] = {}
         self._namespace_counts: dict[str, int] = {}  # live instances per namespace
@@ -227,13 +228,14 @@ class Registry:
         return store_key in self._instance_keys
 
     def sorted_services(self) -> list[ServiceKey]:
-        """Every service with a live instance, in order (kept until services come or go)."""
+        """Every service with a live instance, in order (sorted once after a full load, then
+        kept in order as services come and go: no listing sorts them all again)."""
         if self._sorted_services is None:
             self._sorted_services = sorted(self._services)
         return self._sorted_services
 
     def sorted_names(self, service: ServiceKey) -> list[str]:
-        """The service's instance names in order (kept until names come or go)."""
+        """The service's instance names in order (sorted once, then kept in order)."""
         names = self._sorted_names.get(service)
         if names is None:
             names = self._sorted_names[service] = sorted(self._services.get(service, _EMPTY))
@@ -383,15 +385,21 @@ class Registry:
             del self._services[service][key.name]
             if not self._services[service]:
                 del self._services[service]
-                self._sorted_services = None
+                _remove(self._sorted_services, service)
         if new is not None:
-            if service not in self._services:
-                self._sorted_services = None
+            if service not in self._services and self._sorted_services is not None:
+                bisect.insort(self._sorted_services, service)
             self._services.setdefault(service, {})[key.name] = new
             self._by_address.setdefault(new.spec.address, {})[key] = new
             changes.addresses.add(new.spec.address)
         if (old is None) != (new is None):  # a name comes or goes (not an update)
-            self._sorted_names.pop(service, None)
+            names = self._sorted_names.get(service)
+            if new is None:
+                _remove(names, key.name)
+                if not names:
+                    self._sorted_names.pop(service, None)
+            elif names is not None:
+                bisect.insort(names, key.name)
             counts = self._namespace_counts
             counts[key.namespace] = counts.get(key.namespace, 0) + (1 if old is None else -1)
             if not counts[key.namespace]:
@@ -432,6 +440,14 @@ class Registry:
             cidr = self._keys.block_of(store_key)
             if _pop(self._blocks, network, cidr) is not None:
                 changes.blocks.add(network)
+
+
+def _remove(ordered: list[Any] | None, item: object) -> None:
+    """Take item out of a sorted list (kept sorted: a listing never sorts it again)."""
+    if ordered is not None:
+        index = bisect.bisect_left(ordered, item)
+        if index < len(ordered) and ordered[index] == item:
+            del ordered[index]
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -12,11 +12,16 @@ import aiohttp
 import etcd_support
 import pytest
 from conftest import Client, make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_api import assert_problem, settle
 from test_check import check, replica_config, url
 
 from discovery.client import DiscoveryClient
+from discovery.model import InstanceKey
+from discovery.registry import Registry
 from discovery.server import run_server
+from discovery.store.base import Event, EventType, Snapshot
 
 etcd_server = etcd_support.etcd_server  # the fixture
 
@@ -144,3 +149,32 @@ async def test_instances_per_service_and_namespace_are_capped(small: Client) -> 
     _, text, _ = await small.request("GET", "/metrics")
     assert 'discovery_http_refused_total{reason="instances_per_service"} 1.0' in text
     assert 'discovery_http_refused_total{reason="instances_per_namespace"} 1.0' in text
+
+
+# the registry's orders, kept as names come and go
+
+
+_ops = st.lists(
+    st.tuples(st.booleans(), st.sampled_from("abcd"), st.sampled_from("wxyz")), max_size=40
+)
+
+
+@given(ops=_ops)
+@settings(max_examples=150, deadline=None)
+def test_the_registry_keeps_its_orders_as_names_come_and_go(
+    ops: list[tuple[bool, str, str]],
+) -> None:
+    registry = Registry("/d/")
+    registry.load(Snapshot(1, []))
+    registry.sorted_services()  # sorted once: from here on kept in order
+    for revision, (put, service, name) in enumerate(ops, start=2):
+        key = InstanceKey("ns", service, name).store_key("/d/")
+        value = json.dumps({"address": "10.0.0.1"}).encode()
+        event = Event(EventType.PUT if put else EventType.DELETE, key, value, revision, 0)
+        for known in registry.services():
+            registry.sorted_names(known)  # cached: kept in order below
+        registry.apply([event])
+        assert registry.sorted_services() == sorted(registry.services())
+        for service_key, instances in registry.services().items():
+            assert registry.sorted_names(service_key) == sorted(instances)
+        assert registry.namespace_size("ns") == sum(map(len, registry.services().values()))
