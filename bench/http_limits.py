@@ -16,8 +16,9 @@ stopped at the end. Steps, in one server per code:
    showing it).
 2. `GET /v1/services` (the default page:
    the whole list on code without pages) `--lists` times, one at a time, while a second task
-   sends DNS queries one at a time: listing latency, and the slowest DNS answer during the
-   listings (what a listing holds the event loop for).
+   sends DNS queries (A of a one-instance service nobody writes to or polls) one at a time:
+   listing latency, and the slowest DNS answer during the listings (what a listing holds the
+   event loop for).
 3. 300 registrations (20 in flight) into a service nobody polls, and 500 DNS queries, first
    alone, then with `--polls` long polls parked on other services (one connection each, the
    per-client cap raised where there is one); the server's RSS before, with and after the
@@ -66,6 +67,7 @@ class Server:
         self.http = http
         self.dns = dns_
         self.base = "http://{}:{}".format(*http)
+        self.quiet = 0  # the number of the service the DNS queries ask for
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -134,7 +136,8 @@ async def fill(session: aiohttp.ClientSession, srv: Server, names: list[tuple[st
 
 
 async def dns_latencies(srv: Server, count: int, stop: asyncio.Event | None = None) -> list[float]:
-    query = dns.message.make_query("small.default.svc.cluster.local", "A")
+    # a one-instance service nobody writes to or polls: the answer is the same size throughout
+    query = dns.message.make_query(f"svc{srv.quiet}.default.svc.cluster.local", "A")
     host, port = srv.dns
     latencies: list[float] = []
     while (stop is None and len(latencies) < count) or (stop is not None and not stop.is_set()):
@@ -185,6 +188,7 @@ async def measure(
                     break
             await asyncio.sleep(0.5)
         tag = "o" if source else "t"  # each run its own new names
+        srv.quiet = args.services - 1
         writes = range(args.writes)
         big = [await put(session, srv, "big", f"{tag}n{i}", 100_000 + i) for i in writes]
         small = [await put(session, srv, "small", f"{tag}n{i}", 200_000 + i) for i in writes]
