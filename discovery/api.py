@@ -20,6 +20,7 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from .auth import access_middleware, readable
 from .config import Config
 from .http_server import when_gone
 from .metrics import Metrics
@@ -625,6 +626,7 @@ async def list_services(request: web.Request) -> web.Response:
     keys = registry.sorted_services()
     start = bisect.bisect_right(keys, after) if after is not None else 0
     page = keys[start : start + limit]
+    may_read = readable(request)
     services = [
         {
             "namespace": ns,
@@ -634,6 +636,7 @@ async def list_services(request: web.Request) -> web.Response:
         }
         for ns, svc in page
         for instances in (registry.instances((ns, svc)),)
+        if may_read(ns)
     ]
     last = "/".join(page[-1]) if start + limit < len(keys) else None
     return _paged(request, {"services": services}, registry, limit, last)
@@ -679,9 +682,12 @@ async def get_registry(request: web.Request) -> web.Response:
             await registry.reached(index + 1, wait)
     keys = registry.sorted_services()
     first = bisect.bisect_left(keys, after[:2]) if after is not None else 0
+    may_read = readable(request)
     page: list[dict[str, object]] = []
     last = None
     for service in itertools.islice(keys, first, None):
+        if not may_read(service[0]):
+            continue
         names = registry.sorted_names(service)
         start = 0
         if after is not None and service == after[:2]:
@@ -753,7 +759,9 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(
     context: Context, *more_routes: Callable[[web.Application], None]
 ) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[problem_middleware, access_middleware], client_max_size=MAX_BODY
+    )
     app[CONTEXT] = context
     for add_routes in more_routes:
         add_routes(app)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import aiohttp
 
 from .config import ConfigError, HostPort, env_name
 from .model import InstanceKey, decode_registration, instances_prefix
+from .sidecar import OptionError, client_tls
 from .store.base import Compacted, Snapshot, StoreError
 from .store.etcd import EtcdStore
 
@@ -42,6 +44,9 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--replica", None, "replica API URL; may repeat (comma-separated in the environment)"),
     ("--wait", "10", "seconds a replica may take to reach etcd's revision"),
     ("--token", None, "bearer token for the replicas' API"),
+    ("--cacert", None, "CA bundle to trust for https:// replicas (default: the system's)"),
+    ("--cert", None, "client certificate (PEM) for replicas that require one (mutual TLS)"),
+    ("--key", None, "private key of --cert (PEM; default: in the --cert file)"),
 ]
 
 
@@ -228,11 +233,17 @@ async def _compare(
 
 
 async def run_check(
-    store: EtcdStore, prefix: str, replicas: Sequence[str], wait: float, token: str | None
+    store: EtcdStore,
+    prefix: str,
+    replicas: Sequence[str],
+    wait: float,
+    token: str | None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Report]:
     snapshot = await store.load(instances_prefix(prefix))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(headers=headers) as session:
+    connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
         return list(
             await asyncio.gather(
                 *(check_replica(session, store, prefix, r, snapshot, wait) for r in replicas)
@@ -274,6 +285,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not replica.startswith(("http://", "https://")):
             parser.error(f"--replica {replica!r}: must start with http:// or https://")
     try:
+        tls = client_tls(get("--cacert"), get("--cert"), get("--key"))
+    except OptionError as error:
+        parser.error(str(error))
+    try:
         wait = float(get("--wait"))
         endpoints = [_etcd_endpoint(url) for url in get("--etcd").split(",") if url.strip()]
     except (ValueError, ConfigError) as error:
@@ -293,7 +308,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     async def go() -> list[Report]:
         try:
-            return await run_check(store, prefix, replicas, wait, get("--token"))
+            return await run_check(store, prefix, replicas, wait, get("--token"), tls)
         finally:
             await store.close()
 

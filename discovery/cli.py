@@ -10,14 +10,17 @@ import asyncio
 import importlib.metadata
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import auth
 from .config import (
     Config,
     ConfigError,
     HostPort,
+    allowed_host_pattern,
     env_name,
     normalize_zone,
     parse_networks,
@@ -56,6 +59,10 @@ def _number(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{text!r} must be a finite number")
     return value
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    return tuple(allowed_host_pattern(host) for host in _split(text))
 
 
 def version() -> str:
@@ -148,8 +155,19 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ),
     ("--http-body-timeout", _number, 30.0, "seconds a request's body may take (then 408)"),
     ("--http-keepalive-timeout", _number, 75.0, "seconds an idle HTTP connection is kept"),
+    ("--auth-file", str, None, "JSON file of API tokens (SHA-256 digests); re-read on SIGHUP"),
+    ("--auth-metrics", _flag, False, "with --auth-file: /metrics needs a token too"),
+    ("--http-cert", str, None, "TLS certificate (PEM, chain) of the HTTP API"),
+    ("--http-key", str, None, "TLS private key (PEM) of the HTTP API"),
+    ("--http-client-ca", str, None, "CA bundle: the API requires client certificates (mTLS)"),
+    (
+        "--http-allowed-hosts",
+        _hosts,
+        (),
+        "host names the API answers to besides addresses and localhost (NAME,*.DOMAIN,*)",
+    ),
 ]
-_FLAGS = {"--overlay"}  # switches: no value on the command line
+_FLAGS = {"--overlay", "--auth-metrics"}  # switches: no value on the command line
 
 
 def _endpoint(url: str) -> HostPort:
@@ -243,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check.main(args, parser)
     try:
         config = config_from(args, dict(os.environ))
+        auth.check_files(config)
     except ConfigError as error:
         parser.error(str(error))
     config.setup_logging()
@@ -262,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
+    auth.warn_if_open(config, sockets.http_address)
+    # SIGHUP re-reads the auth file once the server runs; until then it must not kill it
+    # (the server reads the file again after installing its handler).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers > 1:
         return Supervisor(config, sockets).run()
     config.setup_event_loop()

@@ -19,6 +19,7 @@ import contextlib
 import json as jsonlib
 import logging
 import random
+import ssl
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,19 @@ def backoff(attempt: int, cap: float = BACKOFF_CAP) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def tls_context(
+    cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
+) -> ssl.SSLContext | None:
+    """TLS for https:// servers: a CA bundle to trust (default: the system's) and a client
+    certificate for a server that requires one (mutual TLS); None when nothing is given."""
+    if cafile is None and certfile is None:
+        return None
+    context = ssl.create_default_context(cafile=cafile)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 class DiscoveryClient:
     """An asyncio client of one or more discovery servers (replicas of one registry)."""
 
@@ -134,10 +148,12 @@ class DiscoveryClient:
         connections: int = 64,
         heartbeat_batch: int = HEARTBEAT_BATCH,
         session: aiohttp.ClientSession | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         """`connections`: the most connections open to one server at once (a call waits for
         one, and the wait counts against its timeout). `heartbeat_batch`: the most heartbeats
-        of this client's registrations sent in one call (1: one call each)."""
+        of this client's registrations sent in one call (1: one call each). `ssl`: for https://
+        servers with a private CA or mutual TLS (see tls_context)."""
         if not 1 <= heartbeat_batch <= HEARTBEAT_BATCH:
             raise ValueError(f"heartbeat_batch must be between 1 and {HEARTBEAT_BATCH}")
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -150,6 +166,7 @@ class DiscoveryClient:
         self.timeout = timeout
         self.connections = connections
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl = ssl
         self._session = session
         self._heartbeat_session: aiohttp.ClientSession | None = None
         self._own_session = session is None
@@ -183,7 +200,9 @@ class DiscoveryClient:
         if self._session is None:
             # one connection pool for every registration of this process
             connector = aiohttp.TCPConnector(
-                limit=max(256, self.connections), limit_per_host=self.connections
+                limit=max(256, self.connections),
+                limit_per_host=self.connections,
+                ssl=self._ssl if self._ssl is not None else True,
             )
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session

@@ -20,6 +20,7 @@ log = logging.getLogger("discovery")
 
 LISTEN_BACKLOG = 1024
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HOST_PATTERN = re.compile(r"(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?)")
 
 
 def env_name(flag: str) -> str:
@@ -117,6 +118,20 @@ def is_node_name(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}", text) is not None
 
 
+def allowed_host_pattern(text: str) -> str:
+    """One --http-allowed-hosts entry, lower case: NAME, *.DOMAIN, an address, or *."""
+    name = text.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        pass
+    if _HOST_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"{text!r} is not a host name, *.domain, an address or *")
+    return name
+
+
 # The longest zone that leaves room for every name the server builds from one-character
 # labels: `_services._dns-sd._udp.<ns>.svc.<zone>` (DNS-SD browsing) is 31 octets more.
 MAX_ZONE_LENGTH = 224
@@ -186,6 +201,12 @@ class Config:
     http_header_timeout: float = 10.0
     http_body_timeout: float = 30.0
     http_keepalive_timeout: float = 75.0
+    auth_file: str | None = None
+    auth_metrics: bool = False
+    http_cert: str | None = None
+    http_key: str | None = None
+    http_client_ca: str | None = None
+    http_allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.zones:
@@ -266,6 +287,15 @@ class Config:
             raise ConfigError("--upstream-timeout must be between 0 and 60 seconds")
         if not 0 <= self.upstream_cache_size <= 10_000_000:
             raise ConfigError("--upstream-cache-size must be between 0 and 10000000")
+        if (self.http_cert is None) != (self.http_key is None):
+            raise ConfigError("--http-cert and --http-key go together")
+        if self.http_client_ca is not None and self.http_cert is None:
+            raise ConfigError("--http-client-ca needs --http-cert and --http-key (TLS)")
+        for host in self.http_allowed_hosts:
+            if allowed_host_pattern(host) != host:
+                raise ConfigError(f"--http-allowed-hosts {host!r}: not in its normal form")
+        if self.auth_metrics and self.auth_file is None:
+            raise ConfigError("--auth-metrics needs --auth-file")
 
     def setup_logging(self) -> None:
         logging.basicConfig(
@@ -300,7 +330,8 @@ class Config:
             raise
         sockets = Sockets(dns_udp, dns_tcp, http, cni, self.cni_socket if cni else "")
         log.info("DNS listening on %s:%d (udp, tcp)", *sockets.dns_address)
-        log.info("HTTP listening on http://%s:%d", *sockets.http_address)
+        scheme = "https" if self.http_cert else "http"
+        log.info("HTTP listening on %s://%s:%d", scheme, *sockets.http_address)
         if cni is not None:
             log.info("CNI socket listening on %s", self.cni_socket)
         elif self.cni_socket_default and not self.cni_socket:

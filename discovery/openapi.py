@@ -189,7 +189,7 @@ def openapi_document() -> dict[str, Any]:
     instance_links["getService"] = _link("getService", ("ns", "svc"))
     network_links = _links(("getNetwork", "listAttachments", "deleteNetwork", "attach"), ("net",))
     attachment_links = _links(("getAttachment", "detach"), ("net", "container_id", "ifname"))
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",  # pydantic emits JSON Schema 2020-12 (propertyNames)
         "info": {"title": "discovery registration API", "version": "1"},
         "paths": {
@@ -485,3 +485,37 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    return _secured(document)
+
+
+_PUBLIC = ("/healthz", "/readyz", "/openapi.json")
+
+
+def _secured(document: dict[str, Any]) -> dict[str, Any]:
+    """The bearer scheme (SPEC.md "Security") and the refusals every operation may answer:
+    401 and 403 with --auth-file, 421 for a Host the server does not answer to."""
+    document["components"]["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token of the server's --auth-file (checked when it has one): "
+            "read, write or admin on namespaces; networks need admin",
+        }
+    }
+    document["security"] = [{"bearer": []}]
+    host = _problem("Host is not this server's address, a loopback name or an allowed host")
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            responses["421"] = host
+            if path in _PUBLIC:
+                operation["security"] = []
+                continue
+            if path == "/metrics":  # a token only with --auth-metrics
+                operation["security"] = [{}, {"bearer": []}]
+            responses["401"] = _problem("No valid bearer token (WWW-Authenticate: Bearer)")
+            if path != "/metrics":
+                responses["403"] = _problem("The token lacks the right on this namespace")
+    return document

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .api import Context, create_app
+from .auth import ACCESS, Access, server_tls
 from .config import Config, Sockets
 from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
@@ -98,6 +99,7 @@ class Server:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.access = Access(config, self.metrics)
         self.store = store if store is not None else make_store(config)
         settings = DnsSettings(
             config.zones,
@@ -203,6 +205,7 @@ class Server:
             if self.forwarder is not None:
                 self.metrics.watch_forwarding(self.forwarder)
             app = create_app(context, network_routes.add_routes, dashboard_routes(self.dns_address))
+            app[ACCESS] = self.access
             self._runner = web.AppRunner(
                 app,
                 access_log=None,
@@ -216,7 +219,13 @@ class Server:
                 config.http_max_connections, config.http_header_timeout, self.metrics
             )
             self.metrics.watch_http(connections, context.long_polls, self.registry)
-            site = GuardedSite(self._runner, self._sockets.http, connections, backlog=1024)
+            site = GuardedSite(
+                self._runner,
+                self._sockets.http,
+                connections,
+                backlog=1024,
+                ssl_context=server_tls(config),
+            )
             await site.start()
             await self._start_cni()
         except BaseException:
@@ -297,6 +306,9 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.access.reload)
+        # a SIGHUP before the handler was there was ignored: the file may have changed since
+        self.access.reload(quiet_if_unchanged=True)
         self.registry.subscribe(_FreezeAfterLoad())
         await self.startup(sockets)
         try:
@@ -304,7 +316,7 @@ class Server:
         finally:
             log.info("shutting down")
             await self.shutdown()
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
 

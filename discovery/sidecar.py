@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .client import DiscoveryClient, Port, Refused, Registration, Unavailable
+from .client import DiscoveryClient, Port, Refused, Registration, Unavailable, tls_context
 from .config import env_name
 from .model import is_label, txt_problems
 
@@ -107,6 +108,7 @@ class Options:
     grace: float
     token: str | None
     command: tuple[str, ...] = field(default=())
+    tls: ssl.SSLContext | None = None
 
 
 # flag, default, help (lists: comma-separated in the environment)
@@ -127,6 +129,9 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--check-timeout", "2", "seconds a check may take before it counts as failing"),
     ("--grace", "10", "seconds the command has after SIGTERM before SIGKILL"),
     ("--token", None, "bearer token for the API"),
+    ("--cacert", None, "CA bundle to trust for https:// servers (default: the system's)"),
+    ("--cert", None, "client certificate (PEM) for servers that require one (mutual TLS)"),
+    ("--key", None, "private key of --cert (PEM; default: in the --cert file)"),
     ("--log-level", "info", "debug, info, warning or error"),
 ]
 _REPEATED = {"--server", "--port", "--tag", "--metadata"}
@@ -244,7 +249,20 @@ def options_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Option
         grace=grace,
         token=get("--token"),
         command=command,
+        tls=client_tls(get("--cacert"), get("--cert"), get("--key")),
     )
+
+
+def client_tls(
+    cafile: str | None, certfile: str | None, keyfile: str | None
+) -> ssl.SSLContext | None:
+    """--cacert, --cert and --key as a TLS context (None: aiohttp's defaults)."""
+    if keyfile is not None and certfile is None:
+        raise OptionError("--key needs --cert")
+    try:
+        return tls_context(cafile, certfile, keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise OptionError(f"--cacert/--cert/--key: {error}") from None
 
 
 def auto_address(server: str) -> str:
@@ -271,7 +289,7 @@ class Sidecar:
 
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.client = DiscoveryClient(list(options.servers), token=options.token)
+        self.client = DiscoveryClient(list(options.servers), token=options.token, ssl=options.tls)
         self.registration: Registration | None = None
         self.child: asyncio.subprocess.Process | None = None
         self.refused: Refused | None = None

@@ -1,8 +1,9 @@
 """`--workers N` the way uvicorn runs workers: the parent binds the listening sockets and
 starts N processes, each running the same Server on those sockets (the kernel hands each
-datagram and connection to one of them); it restarts a worker that dies and stops them all
-on SIGTERM or SIGINT. Each worker keeps its own registry by watching etcd, so more than one
-worker needs --etcd (Config refuses it otherwise).
+datagram and connection to one of them); it restarts a worker that dies, stops them all
+on SIGTERM or SIGINT and passes SIGHUP on (each re-reads the auth file). Each worker keeps
+its own registry by watching etcd, so more than one worker needs --etcd (Config refuses it
+otherwise).
 
 No polling on either side: the parent waits on each worker's pidfd, a worker on its
 parent's pidfd (a worker must not outlive its parent, even one killed with SIGKILL).
@@ -105,6 +106,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             for number in range(self.config.workers):
                 self._spawn(number)
@@ -113,6 +115,12 @@ class Supervisor:
         finally:
             log.info("stopping the workers")
             await self._stop_all()
+
+    def _reload(self) -> None:
+        """SIGHUP: each worker re-reads the auth file (one still starting reads it anyway)."""
+        log.info("SIGHUP: passing it to %d workers", len(self.workers))
+        for worker in self.workers.values():
+            _signal(worker, signal.SIGHUP)
 
     def _spawn(self, number: int) -> None:
         if self._stopping:
