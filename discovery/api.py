@@ -753,7 +753,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    config = request.app[CONTEXT].config
+    return web.json_response(openapi_document(config.auth_file is not None, config.auth_metrics))
 
 
 def create_app(

@@ -77,7 +77,8 @@ _INDEX = {
 
 
 @cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(auth: bool = False, auth_metrics: bool = False) -> dict[str, Any]:
+    """The document of a server with or without an auth file (tokens: 401 and 403)."""
     registration = Registration.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = registration.pop("$defs", {})
     network_spec = NetworkSpec.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -485,15 +486,22 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
-    return _secured(document)
+    return _secured(document, auth, auth_metrics)
 
 
 _PUBLIC = ("/healthz", "/readyz", "/openapi.json")
 
 
-def _secured(document: dict[str, Any]) -> dict[str, Any]:
-    """The bearer scheme (SPEC.md "Security") and the refusals every operation may answer:
-    401 and 403 with --auth-file, 421 for a Host the server does not answer to."""
+def _secured(document: dict[str, Any], auth: bool, auth_metrics: bool) -> dict[str, Any]:
+    """421 for a Host the server does not answer to; with an auth file, the bearer scheme
+    (SPEC.md "Security") and 401/403 wherever a token is needed."""
+    host = _problem("Host is not this server's address, a loopback name or an allowed host")
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method != "parameters":
+                operation["responses"]["421"] = host
+    if not auth:
+        return document
     document["components"]["securitySchemes"] = {
         "bearer": {
             "type": "http",
@@ -503,18 +511,18 @@ def _secured(document: dict[str, Any]) -> dict[str, Any]:
         }
     }
     document["security"] = [{"bearer": []}]
-    host = _problem("Host is not this server's address, a loopback name or an allowed host")
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method == "parameters":
                 continue
-            responses = operation["responses"]
-            responses["421"] = host
-            if path in _PUBLIC:
+            if (
+                path in _PUBLIC
+                or path.startswith("/ui")
+                or (path == "/metrics" and not auth_metrics)
+            ):
                 operation["security"] = []
                 continue
-            if path == "/metrics":  # a token only with --auth-metrics
-                operation["security"] = [{}, {"bearer": []}]
+            responses = operation["responses"]
             responses["401"] = _problem("No valid bearer token (WWW-Authenticate: Bearer)")
             if path != "/metrics":
                 responses["403"] = _problem("The token lacks the right on this namespace")

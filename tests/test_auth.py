@@ -16,6 +16,7 @@ import etcd_support
 import pytest
 from conftest import Client, make_config
 from test_cli import Process, run_to_exit, serve
+from test_schemathesis import SECONDS, schemathesis
 from waiting import eventually
 
 from discovery import auth
@@ -427,21 +428,43 @@ async def test_workers_pass_sighup_on_to_every_worker(
 def test_openapi_describes_the_bearer_scheme_and_the_refusals() -> None:
     from discovery.openapi import openapi_document
 
-    doc = openapi_document()
+    plain = openapi_document()
+    assert "security" not in plain and "securitySchemes" not in plain["components"]
+    doc = openapi_document(auth=True)
     scheme = doc["components"]["securitySchemes"]["bearer"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert doc["security"] == [{"bearer": []}]
-    for path, item in doc["paths"].items():
-        for method, operation in item.items():
-            if method == "parameters":
-                continue
-            codes = operation["responses"].keys()
-            assert "421" in codes, (path, method)
-            if path in ("/healthz", "/readyz", "/openapi.json"):
-                assert operation["security"] == [] and "401" not in codes
-            else:
-                assert "401" in codes, (path, method)
-                assert ("403" in codes) is (path != "/metrics"), (path, method)
+    for document in (plain, doc):
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                if method == "parameters":
+                    continue
+                codes = operation["responses"].keys()
+                assert "421" in codes, (path, method)
+                if document is plain or path in (
+                    "/healthz",
+                    "/readyz",
+                    "/openapi.json",
+                    "/metrics",
+                ):
+                    assert "401" not in codes and "403" not in codes, (path, method)
+                    assert document is plain or operation["security"] == []
+                else:
+                    assert {"401", "403"} <= codes, (path, method)
+    metrics = openapi_document(auth=True, auth_metrics=True)["paths"]["/metrics"]["get"]
+    assert "security" not in metrics and "401" in metrics["responses"]
+
+
+@pytest.mark.timeout(SECONDS + 180)
+async def test_schemathesis_with_tokens(tmp_path: Path) -> None:
+    """The document of a server with an auth file, every operation with an admin token, and
+    schemathesis's own checks that requests without or with a wrong token are refused."""
+    path = write_auth(tmp_path / "auth.json", TOKENS)
+    async with serve("--min-ttl", "2", "--auth-file", str(path)) as server:
+        url = f"http://{server.http[0]}:{server.http[1]}"
+        code, output = await schemathesis(url, tmp_path, "-H", f"Authorization: Bearer {ADMIN}")
+    assert code == 0, output[-6000:]
+    assert "passed" in output and "Stateful" in output, output[-3000:]
 
 
 def test_the_readme_auth_file_is_valid_and_its_tokens_match() -> None:

@@ -158,7 +158,7 @@ async def test_client_leaving_mid_body_is_no_server_error(
     for _ in range(3):
         _, writer = await asyncio.open_connection(host, port)
         writer.write(
-            b"PUT " + INST.encode() + b"web-1 HTTP/1.1\r\nHost: x\r\n"
+            b"PUT " + INST.encode() + b"web-1 HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"addr"
         )
         await writer.drain()
