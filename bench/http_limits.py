@@ -227,7 +227,7 @@ async def measure(
         for i in range(args.polls):
             reader, writer = await asyncio.open_connection(*srv.http)
             path = f"/v1/services/default/svc{i % 1000}?index={index}&wait=300s"
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             polls.append((reader, writer))
         await asyncio.sleep(2)  # let the server read every request
         rss_with = srv.rss_mb()

@@ -104,7 +104,7 @@ async def test_slowloris_is_closed_and_others_are_answered() -> None:
     async with serve("--http-header-timeout", "2") as server, aiohttp.ClientSession() as session:
         async with opened(server, 300) as slow:
             for _, writer in slow:  # a request line and one header, never the blank line
-                writer.write(b"GET /v1/services HTTP/1.1\r\nHost: x\r\n")
+                writer.write(b"GET /v1/services HTTP/1.1\r\nHost: localhost\r\n")
             healthz = base(server) + "/healthz"
             for _ in range(3):  # trickle: a byte each, every half second
                 latency = max([await timed_get(session, healthz) for _ in range(10)])
@@ -132,7 +132,7 @@ async def test_half_sent_body_is_408_and_closed() -> None:
         async with opened(server, 20) as slow:
             for _, writer in slow:
                 writer.write(
-                    b"PUT /v1/services/default/web/instances/web-1 HTTP/1.1\r\nHost: x\r\n"
+                    b"PUT /v1/services/default/web/instances/web-1 HTTP/1.1\r\nHost: localhost\r\n"
                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"addr"
                 )
             latency = await timed_get(session, base(server) + "/healthz")
@@ -259,7 +259,7 @@ async def test_thousands_of_parked_long_polls_cost_other_services_nothing() -> N
 
         def poll(i: int) -> bytes:
             path = f"/v1/services/{NS}/watched-{i % 50}?index={index}&wait=120s"
-            return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
         async with opened(server, LONG_POLLS, poll) as polls:
             await until_metric(session, server, "discovery_http_long_polls", LONG_POLLS, 60)
@@ -335,7 +335,7 @@ async def test_a_long_poll_whose_client_leaves_ends(capped: Client) -> None:
     await capped.register("default", "web", "web-1", address="10.0.0.1")
     path = f"/v1/services/default/web?index={server.registry.revision}&wait=60s"
     _, writer = await asyncio.open_connection(*server.http_address)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     await eventually(parked_polls(server, 1), "the poll parked", within=5)
     assert server.registry.service_waiters() == 1
     writer.close()
