@@ -195,9 +195,11 @@ async def _registry_page(
     after: str | None,
 ) -> dict[str, Any] | None:
     url = replica.rstrip("/") + "/v1/registry"
+    # the largest page: a registry that fits one is read at one revision whatever churns
     params = {"index": str(index), "wait": f"{wait:g}s"} if index is not None else {}
+    params["limit"] = "5000"
     if after is not None:
-        params |= {"after": after, "limit": "5000"}
+        params["after"] = after
     try:
         async with session.get(
             url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)
