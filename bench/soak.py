@@ -69,6 +69,10 @@ SAMPLE_EVERY = 5.0
 STABLE_TTL = 6
 EXPIRE_TTL = 2
 CHURN_TTL = 30
+# churn names (and addresses) come from a pool: the answer builder's caches of names and
+# addresses are bounded (65,536 entries each) and fill as new names come; with a pool they
+# fill in the first minutes, so RSS afterwards shows what each operation leaves behind
+NAME_POOL = 4000
 
 _DNS_LINE = re.compile(r"DNS listening on ([0-9.]+):(\d+)")
 _HTTP_LINE = re.compile(r"HTTP listening on https?://([0-9.]+):(\d+)")
@@ -183,10 +187,10 @@ async def churn(urls: list[str], rate: float, stop: asyncio.Event, stats: Churn)
     async with DiscoveryClient(urls, timeout=10) as client:
 
         async def one(n: int) -> None:
-            service, inst = f"churn{n % 50}", f"c{n}"
+            service, inst = f"churn{n % 50}", f"c{n % NAME_POOL}"
             kind = n % 3
             try:
-                low = f"{n // 256 % 256}.{n % 256}"
+                low = f"{n % NAME_POOL // 256}.{n % 256}"
                 ttl = EXPIRE_TTL if kind == 1 else CHURN_TTL
                 await client.register(NS, service, inst, address=f"10.200.{low}",
                                       ports=[("http", 80)], ttl=ttl)  # fmt: skip
@@ -348,6 +352,11 @@ def _instances(body: Any) -> int:
     return len(body["instances"])
 
 
+def _at(samples: list[tuple[float, int]], when: float) -> float:
+    """The sample nearest to `when` seconds into the run."""
+    return min(samples, key=lambda s: abs(s[0] - when))[1]
+
+
 def settled(samples: list[tuple[float, int]], duration: float) -> float:
     window = [v for t, v in samples if 0.20 * duration <= t <= 0.35 * duration]
     return statistics.median(window or [v for _, v in samples])
@@ -389,6 +398,10 @@ def report(args: argparse.Namespace, replicas: list[Replica], perf: list[Proc], 
         if fd_end > fd0:
             failures.append(f"{r.name}: {fd_end} descriptors at the end, {fd0:.0f} when settled")
     c = churn_stats
+    lines += ["", "RSS (MB) at 25%, 50%, 75% and 100% of the run: " + "; ".join(
+        r.name + " " + ", ".join(f"{_at(r.rss_kb, f * args.duration) / 1024:.1f}"
+                                 for f in (0.25, 0.5, 0.75, 1.0))
+        for r in replicas)]  # fmt: skip
     lines += ["", f"Churn: {c.registered:,} registrations ({c.deleted:,} deleted "
               f"again, {churn_stats.left_to_expire:,} left to expire), "
               f"{churn_stats.unavailable:,} calls while no replica could reach etcd (503), "
