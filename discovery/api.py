@@ -20,7 +20,7 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from .auth import access_middleware, readable
+from .auth import access_middleware, readable, writable
 from .config import Config
 from .http_server import when_gone
 from .metrics import Metrics
@@ -461,6 +461,17 @@ async def heartbeats(request: web.Request) -> web.Response:
     With tokens, every instance's namespace needs `write`, as its own heartbeat does."""
     ctx = request.app[CONTEXT]
     keys = _batch_keys(await read_json(request), ctx.metrics)
+    may_write = writable(request)
+    denied = sorted({key.namespace for key in keys if not may_write(key.namespace)})
+    if denied:
+        ctx.metrics.http_refused.labels(reason="forbidden").inc()
+        raise Problem(
+            403,
+            "Forbidden",
+            "this token does not have the right 'write' on namespace "
+            + ", ".join(repr(namespace) for namespace in denied),
+            headers={"WWW-Authenticate": 'Bearer realm="discovery", error="insufficient_scope"'},
+        )
     instances = [ctx.registry.registered(key) for key in keys]
     known = [index for index, instance in enumerate(instances) if instance is not None]
     ttls = await ctx.store.keepalive_many(

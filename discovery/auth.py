@@ -341,6 +341,16 @@ def readable(request: web.Request) -> Callable[[str], bool]:
     return token.may_read if token is not None else _nothing
 
 
+def writable(request: web.Request) -> Callable[[str], bool]:
+    """Whether the request may write a namespace: for calls that name their namespaces in the
+    body (POST /v1/heartbeats), which the middleware cannot check."""
+    access = request.app.get(ACCESS)
+    if access is None or access.tokens is None:
+        return _anything
+    token = _bearer(request, access.tokens)
+    return (lambda namespace: token.may("write", namespace)) if token is not None else _nothing
+
+
 def _anything(namespace: str) -> bool:
     return True
 

@@ -492,3 +492,36 @@ async def test_the_dashboard_pages_load_without_a_token_but_show_no_data(client:
         assert "pay-1" not in body and "10.1.2.3" not in body, path
     status, _, _ = await client.request("GET", "/ui/", headers={"Host": "evil.example"})
     assert status == 421
+
+
+async def test_batched_heartbeats_need_write_on_every_namespace(client: Client) -> None:
+    """POST /v1/heartbeats names its namespaces in the body: a token for one namespace renews
+    nothing of another (the whole call is refused, naming the namespace)."""
+    mine = "/v1/services/payments/api/instances/api-1"
+    assert (await client.request("PUT", mine, json=VICTIM, headers=bearer(PAYMENTS)))[0] == 201
+    assert (await client.request("PUT", PAY_1, json=VICTIM, headers=bearer(PROD)))[0] == 201
+    own = {"namespace": "payments", "service": "api", "instance": "api-1"}
+    other = {"namespace": "prod", "service": "payments", "instance": "pay-1"}
+    before = refused(client.server, "forbidden")
+
+    status, body, headers = await client.request(
+        "POST", "/v1/heartbeats", json={"instances": [own, other]}, headers=bearer(PAYMENTS)
+    )
+    assert status == 403, body
+    assert "'prod'" in body["detail"] and "'payments'" not in body["detail"]
+    assert 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    assert refused(client.server, "forbidden") == before + 1
+    for token in (READER,):  # read is not write
+        status, body, _ = await client.request(
+            "POST", "/v1/heartbeats", json={"instances": [own]}, headers=bearer(token)
+        )
+        assert status == 403, body
+
+    status, body, _ = await client.request(
+        "POST", "/v1/heartbeats", json={"instances": [own]}, headers=bearer(PAYMENTS)
+    )
+    assert status == 200 and body["results"][0]["status"] == 200, body
+    status, body, _ = await client.request(
+        "POST", "/v1/heartbeats", json={"instances": [own, other]}, headers=bearer(WRITER_STAR)
+    )
+    assert status == 200 and [r["status"] for r in body["results"]] == [200, 200], body
