@@ -46,6 +46,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +91,7 @@ class Replica:
     http_port: int
     rss_kb: list[tuple[float, int]] = field(default_factory=list)
     fds: list[tuple[float, int]] = field(default_factory=list)
+    open_at_end: str = ""  # what the descriptors were at the end (kinds, and TCP peers)
 
     @property
     def url(self) -> str:
@@ -104,6 +106,21 @@ class Replica:
         rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
         self.rss_kb.append((at, rss))
         self.fds.append((at, len(os.listdir(f"/proc/{self.pid}/fd"))))
+
+    def describe_fds(self) -> None:
+        kinds: dict[str, int] = {}
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                kind = os.readlink(f"/proc/{self.pid}/fd/{fd}").split(":")[0]
+                kinds[kind] = kinds.get(kind, 0) + 1
+        peers = []
+        if shutil.which("ss"):
+            out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+            peers = [" ".join(line.split()[:5]) for line in out.splitlines()
+                     if f"pid={self.pid}," in line]  # fmt: skip
+        self.open_at_end = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        if peers:
+            self.open_at_end += "; TCP: " + "; ".join(peers)
 
 
 def start_replica(procs: Procs, etcd: EtcdServer, work: Path, name: str) -> Replica:
@@ -336,6 +353,7 @@ async def soak(args: argparse.Namespace, work: Path, procs: Procs) -> tuple[list
         end = time.monotonic() - t0
         for r in replicas:
             r.sample(end)
+            r.describe_fds()
         code, out = await check(etcd, replicas)
         checks.append((end, code))
         if code != 0:
@@ -402,6 +420,7 @@ def report(args: argparse.Namespace, replicas: list[Replica], perf: list[Proc], 
         r.name + " " + ", ".join(f"{_at(r.rss_kb, f * args.duration) / 1024:.1f}"
                                  for f in (0.25, 0.5, 0.75, 1.0))
         for r in replicas)]  # fmt: skip
+    lines += [""] + [f"Descriptors of {r.name} at the end: {r.open_at_end}" for r in replicas]
     lines += ["", f"Churn: {c.registered:,} registrations ({c.deleted:,} deleted "
               f"again, {churn_stats.left_to_expire:,} left to expire), "
               f"{churn_stats.unavailable:,} calls while no replica could reach etcd (503), "
