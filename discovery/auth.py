@@ -169,6 +169,40 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+class ServerTLS:
+    """The listener's TLS context, whose certificate, key and client CA SIGHUP re-reads.
+
+    A listening socket keeps the context it was made with, so that one only picks the
+    certificate: its SNI callback (which OpenSSL calls for every handshake, with or without
+    SNI) hands each new connection the context loaded last. Connections already open keep
+    theirs. A file that cannot be read keeps the context loaded before.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        listener = server_tls(config)
+        self.current = listener
+        self.listener = listener
+        if listener is not None:
+            listener.sni_callback = self._pick
+
+    def _pick(self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if self.current is not None and self.current is not self.listener:
+            connection.context = self.current
+
+    def reload(self) -> bool:
+        if self.listener is None:
+            return False
+        try:
+            context = server_tls(self.config)
+        except ConfigError as error:
+            log.error("%s; keeping the certificate loaded before", error)
+            return False
+        self.current = context
+        log.info("TLS certificate %s loaded", self.config.http_cert)
+        return True
+
+
 def check_files(config: Config) -> None:
     """Read the auth file and the TLS files once, so a bad one is a bad option (exit 2)."""
     if config.auth_file is not None:

@@ -157,7 +157,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--http-keepalive-timeout", _number, 75.0, "seconds an idle HTTP connection is kept"),
     ("--auth-file", str, None, "JSON file of API tokens (SHA-256 digests); re-read on SIGHUP"),
     ("--auth-metrics", _flag, False, "with --auth-file: /metrics needs a token too"),
-    ("--http-cert", str, None, "TLS certificate (PEM, chain) of the HTTP API"),
+    ("--http-cert", str, None, "TLS certificate (PEM, chain) of the HTTP API; re-read on SIGHUP"),
     ("--http-key", str, None, "TLS private key (PEM) of the HTTP API"),
     ("--http-client-ca", str, None, "CA bundle: the API requires client certificates (mTLS)"),
     (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from .model import LABEL_RE, Registration
+from .model import LABEL_RE, PORT_NAME_MAX, Registration
 from .net.records import CONTAINER_ID_RE, IFNAME_RE, AttachmentRequest, NetworkSpec
 
 _LABEL = {"type": "string", "pattern": LABEL_RE.pattern, "maxLength": 63}
@@ -90,6 +90,8 @@ def openapi_document(auth: bool = False, auth_metrics: bool = False) -> dict[str
     # what the validators check beyond the types pydantic describes
     registration["properties"]["address"]["anyOf"] = [{"format": "ipv4"}, {"format": "ipv6"}]
     registration["properties"]["address"]["examples"] = ["10.1.2.3", "fd00::1:2"]
+    # a port name becomes the SRV label _<name>: at most 15 characters at registration (RFC 6335)
+    defs["Port"]["properties"]["name"]["maxLength"] = PORT_NAME_MAX
     network_spec["properties"]["subnet"]["pattern"] = r"^[0-9A-Fa-f.:]+/[0-9]{1,3}$"
     network_spec["properties"]["subnet"]["examples"] = ["10.244.0.0/16"]
     # a network as stored: the spec's fields (no longer closed to others), its name and state

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .api import Context, create_app
-from .auth import ACCESS, Access, server_tls
+from .auth import ACCESS, Access, ServerTLS
 from .config import Config, Sockets
 from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
@@ -100,6 +100,7 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.access = Access(config, self.metrics)
+        self.tls = ServerTLS(config)
         self.store = store if store is not None else make_store(config)
         settings = DnsSettings(
             config.zones,
@@ -224,7 +225,7 @@ class Server:
                 self._sockets.http,
                 connections,
                 backlog=1024,
-                ssl_context=server_tls(config),
+                ssl_context=self.tls.listener,
             )
             await site.start()
             await self._start_cni()
@@ -297,6 +298,11 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the auth file and the TLS certificate, key and client CA."""
+        self.access.reload()
+        self.tls.reload()
+
     async def serve(self, sockets: Sockets | None = None) -> None:
         """Run as this process's server until SIGTERM or SIGINT (or request_stop).
 
@@ -306,7 +312,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.access.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         # a SIGHUP before the handler was there was ignored: the file may have changed since
         self.access.reload(quiet_if_unchanged=True)
         self.registry.subscribe(_FreezeAfterLoad())

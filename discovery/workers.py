@@ -1,9 +1,9 @@
 """`--workers N` the way uvicorn runs workers: the parent binds the listening sockets and
 starts N processes, each running the same Server on those sockets (the kernel hands each
 datagram and connection to one of them); it restarts a worker that dies, stops them all
-on SIGTERM or SIGINT and passes SIGHUP on (each re-reads the auth file). Each worker keeps
-its own registry by watching etcd, so more than one worker needs --etcd (Config refuses it
-otherwise).
+on SIGTERM or SIGINT and passes SIGHUP on (each re-reads the auth file and the TLS files).
+Each worker keeps its own registry by watching etcd, so more than one worker needs --etcd
+(Config refuses it otherwise).
 
 No polling on either side: the parent waits on each worker's pidfd, a worker on its
 parent's pidfd (a worker must not outlive its parent, even one killed with SIGKILL).
@@ -117,7 +117,8 @@ class Supervisor:
             await self._stop_all()
 
     def _reload(self) -> None:
-        """SIGHUP: each worker re-reads the auth file (one still starting reads it anyway)."""
+        """SIGHUP: each worker re-reads the auth file and the TLS files (one still starting
+        reads them anyway)."""
         log.info("SIGHUP: passing it to %d workers", len(self.workers))
         for worker in self.workers.values():
             _signal(worker, signal.SIGHUP)

@@ -23,7 +23,7 @@ from conftest import Client, make_config
 from discovery.server import run_server
 
 DNS_LINE = re.compile(r"DNS listening on (\S+):(\d+) \(udp, tcp\)")
-HTTP_LINE = re.compile(r"HTTP listening on http://(\S+):(\d+)")
+HTTP_LINE = re.compile(r"HTTP listening on https?://(\S+):(\d+)")
 # The options table of SPEC.md: every one must be in `serve --help`.
 SPEC_FLAGS = [
     "--dns", "--http", "--zone", "--etcd", "--etcd-prefix", "--dns-ttl",

@@ -96,6 +96,9 @@ async def test_port_name_over_15_characters_is_refused(client: Client) -> None:
     response = await client.request("PUT", INST + "web-2", data=json.dumps(long).encode())
     problem = assert_problem(response, 400, "ports.0.name")
     assert "15" in problem["detail"]
+    status, doc, _ = await client.request("GET", "/openapi.json")
+    assert status == 200
+    assert doc["components"]["schemas"]["Port"]["properties"]["name"]["maxLength"] == 15
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import ssl
 import sys
 from collections.abc import Iterator
@@ -16,9 +17,11 @@ import etcd_support
 import pytest
 from conftest import make_config
 from needs import unavailable
-from test_auth import ADMIN, PAYMENTS, READER, TOKENS, write_auth
+from test_auth import ADMIN, PAYMENTS, READER, TOKENS, lines_with, write_auth
 from test_check import check
+from test_cli import serve
 from test_sidecar import sidecar
+from waiting import eventually
 
 from discovery.client import DiscoveryClient, Refused, tls_context
 from discovery.config import Config, ConfigError, HostPort
@@ -86,16 +89,19 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(
     other = make_tls_files(tmp_path / "other-ca")
     async with run_server(mtls_config(tls, tmp_path)) as server:
         url = https(server) + "/healthz"
-        code, out = await curl("--cacert", tls.ca, url)
-        assert code != 0 and "200" not in out, out  # the handshake is refused
-        code, out = await curl("--cacert", tls.ca, "--cert", other.client_cert,
-                               "--key", other.client_key, url)  # fmt: skip
-        assert code != 0 and "200" not in out, out  # a certificate of another CA
-        with pytest.raises(aiohttp.ClientError):
-            await get_status(url, ssl.create_default_context(cafile=tls.ca))
-        code, out = await curl("--cacert", tls.ca, "--cert", tls.client_cert,
-                               "--key", tls.client_key, url)  # fmt: skip
-        assert code == 0 and out == "200", out
+        for reloaded in (False, True):  # the same after SIGHUP re-read the files
+            if reloaded:
+                assert server.tls.reload()
+            code, out = await curl("--cacert", tls.ca, url)
+            assert code != 0 and "200" not in out, out  # the handshake is refused
+            code, out = await curl("--cacert", tls.ca, "--cert", other.client_cert,
+                                   "--key", other.client_key, url)  # fmt: skip
+            assert code != 0 and "200" not in out, out  # a certificate of another CA
+            with pytest.raises(aiohttp.ClientError):
+                await get_status(url, ssl.create_default_context(cafile=tls.ca))
+            code, out = await curl("--cacert", tls.ca, "--cert", tls.client_cert,
+                                   "--key", tls.client_key, url)  # fmt: skip
+            assert code == 0 and out == "200", out
         # TLS says who may connect; the token still says what it may do
         code, out = await curl("--cacert", tls.ca, "--cert", tls.client_cert,
                                "--key", tls.client_key, https(server) + "/v1/services")  # fmt: skip
@@ -179,3 +185,42 @@ async def test_an_unreadable_certificate_stops_the_server_at_start(tmp_path: Pat
         ):
             pass
     assert "--http-cert" in str(error.value)
+
+
+async def test_sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old(
+    tls: TlsFiles, tmp_path: Path
+) -> None:
+    """A rotated certificate (cert-manager, certbot) is taken on SIGHUP, for new connections."""
+    rotated = make_tls_files(tmp_path / "rotated")  # another CA, another server certificate
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(tls.server_cert, cert)
+    shutil.copy(tls.server_key, key)
+    old_ca = ssl.create_default_context(cafile=tls.ca)
+    new_ca = ssl.create_default_context(cafile=rotated.ca)
+    async with serve("--http-cert", str(cert), "--http-key", str(key)) as process:
+        url = "https://{}:{}/healthz".format(*process.http)
+
+        async def answering() -> bool:
+            try:
+                return await get_status(url, old_ca) == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(answering, "the server answering over TLS", 20)
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await get_status(url, new_ca)
+
+        shutil.copy(rotated.server_cert, cert)
+        shutil.copy(rotated.server_key, key)
+        process.proc.send_signal(signal.SIGHUP)
+        await lines_with(process, "TLS certificate", 1)
+        assert await get_status(url, new_ca) == 200
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await get_status(url, old_ca)
+
+        key.write_text("not a key")  # a half-written rotation
+        process.proc.send_signal(signal.SIGHUP)
+        await lines_with(process, "keeping the certificate loaded before", 1)
+        assert await get_status(url, new_ca) == 200
+        assert process.proc.returncode is None
+        assert await process.stop(signal.SIGTERM) == 0
