@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import signal
 from typing import Any
 
@@ -173,6 +174,35 @@ async def test_freed_addresses_come_back_only_after_the_rest_of_the_block(client
     assert data["address"] == "10.244.0.5"
 
 
+async def test_allocations_at_once_share_transactions_and_keep_every_rule(client: Client) -> None:
+    await put_network(client, node_prefix=28)  # .2 … .14: thirteen addresses per block
+    # the same container ten times at once: one allocation, the same answer for all
+    same = await asyncio.gather(*(attach(client, "twice") for _ in range(10)))
+    assert sorted(status for status, _ in same) == [200] * 9 + [201], same
+    assert len({json.dumps(data, sort_keys=True) for _, data in same}) == 1
+    assert same[0][1]["address"] == "10.244.0.2"
+    # fifteen more at once into the twelve left: handed out in order from the cursor, never
+    # the network, gateway or broadcast address; the three too many are refused, unwritten
+    results = await asyncio.gather(*(attach(client, f"c{i:02d}") for i in range(15)))
+    statuses = [status for status, _ in results]
+    assert sorted(statuses) == [201] * 12 + [507] * 3, results
+    addresses = sorted(
+        (ipaddress.ip_address(data["address"]) for status, data in results if status == 201),
+    )
+    assert [str(a) for a in addresses] == [f"10.244.0.{i}" for i in range(3, 15)]
+    keys = NetworkKeys(client.server.config.etcd_prefix)
+    stored = await client.server.store.load(keys.attachments("pods"))
+    assert len(stored.items) == 13
+    assert len({kv.mod_revision for kv in stored.items}) < 13  # fewer transactions
+    addressed = await client.server.store.load(keys.address("pods", ""))
+    assert len(addressed.items) == 13
+    for status, data in results:
+        if status == 201:
+            assert await client.addresses(f"{data['name']}.pods.net.cluster.local") == {
+                data["address"]
+            }
+
+
 async def test_a_container_with_a_service_is_an_instance_while_attached(client: Client) -> None:
     await put_network(client)
     service = {
@@ -269,6 +299,62 @@ async def test_two_nodes_allocating_at_once_never_share_an_address(
         _, network, _ = await b.request("GET", "/v1/networks/pods")
         assert sorted(blk["node"] for blk in network["blocks"]) == ["n1", "n2"]
         assert network["attachments"] == 60
+
+
+@pytest.mark.etcd
+async def test_many_allocations_at_once_on_etcd_from_two_nodes_and_two_workers(
+    etcd_server: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    """Concurrent allocations are committed in groups: every address distinct, never a
+    reserved one, each node's block handed out in order. Two workers of one node share its
+    block and lease, so their groups collide and fall back to one transaction each."""
+    lease = 0x5EED
+    async with (
+        replica(etcd_server.endpoint, session, node="n1") as a,
+        replica(etcd_server.endpoint, session, node="n2", node_lease=lease) as b,
+        replica(etcd_server.endpoint, session, node="n2", node_lease=lease) as c,
+    ):
+        await synced(a, b, c)
+        await put_network(a, node_prefix=24)
+        for other in (b, c):
+            assert await other.wait_cache(lambda o=other: o.server.registry.network("pods"))
+        # n1 alone first: its group transactions hand out its block in cursor order
+        results = await asyncio.gather(*(attach(a, f"a{i}") for i in range(60)))
+        assert all(status == 201 for status, _ in results), results
+        assert sorted(ipaddress.ip_address(data["address"]).packed[3] for _, data in results) == (
+            list(range(2, 62))
+        )
+        keys = NetworkKeys(a.server.config.etcd_prefix)
+        async with open_etcd_store(etcd_server) as etcd:
+            stored = await etcd.load(keys.attachments("pods"))
+        assert len({kv.mod_revision for kv in stored.items}) < 60  # fewer transactions
+        # then all three at once: n1 again, and n2's two workers in one block
+        callers = [(node, f"{name}{i}") for node, name in ((a, "x"), (b, "y"), (c, "z"))
+                   for i in range(40)]  # fmt: skip
+        results += await asyncio.gather(*(attach(node, cid) for node, cid in callers))
+        assert all(status == 201 for status, _ in results), results
+        addresses = [ipaddress.ip_address(data["address"]) for _, data in results]
+        assert len(set(addresses)) == 180
+        for _, data in results:
+            block = ipaddress.ip_network(data["subnet"])
+            assert data["node"] == ("n1" if data["container_id"][0] in "ax" else "n2")
+            address = ipaddress.ip_address(data["address"])
+            assert address in block and block.prefixlen == 24
+            assert address not in (block.network_address, block.network_address + 1)
+            assert address != block.broadcast_address
+        n1 = sorted(
+            ipaddress.ip_address(data["address"]).packed[3]
+            for _, data in results
+            if data["node"] == "n1"
+        )
+        assert n1 == list(range(2, 102))  # n1's block in cursor order, no gap
+        async with open_etcd_store(etcd_server) as etcd:
+            held = await etcd.load(keys.address("pods", ""))
+            assert len(held.items) == 180
+        for client in (a, b, c):
+            assert await client.wait_cache(
+                lambda c=client: len(c.server.registry.attachments("pods")) == 180
+            )
 
 
 @pytest.mark.etcd

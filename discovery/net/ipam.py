@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 VISIBLE_WAIT = 1.0  # seconds a write waits for this replica's registry to show it
 ATTEMPTS = 64  # transactions one call tries before giving up (collisions with other nodes)
+# allocations one transaction carries at most: 2 puts and 2 compares each, under etcd's
+# default --max-txn-ops of 128
+GROUP = 32
 
 
 class IpamError(Exception):
@@ -175,15 +179,24 @@ class Attached:
     created: bool
 
 
+@functools.lru_cache(maxsize=4096)
+def _subnet(cidr: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, str]:
+    """A block (parsed once: every attachment call describes one), its gateway and its
+    canonical spelling."""
+    subnet = ipaddress.ip_network(cidr)
+    return subnet, str(next(subnet.hosts())), subnet.with_prefixlen
+
+
 def attachment_body(attachment: Attachment, network: Network, block: str | None) -> dict[str, Any]:
     """What an attachment call answers: the address and how to plumb it (SPEC.md)."""
-    subnet = ipaddress.ip_network(block) if block else None
-    address = ipaddress.ip_address(attachment.address)
-    if subnet is None or address not in subnet:
+    if block is None or ipaddress.ip_address(attachment.address) not in _subnet(block)[0]:
         # the block is gone from this replica's view (its node died): describe the address
         # within a block of the network's node_prefix
-        subnet = ipaddress.ip_network(f"{address}/{network.spec.node_prefix}", strict=False)
-    gateway = str(next(subnet.hosts()))
+        address = ipaddress.ip_address(attachment.address)
+        block = ipaddress.ip_network(
+            f"{address}/{network.spec.node_prefix}", strict=False
+        ).with_prefixlen
+    subnet, gateway, spelled = _subnet(block)
     body: dict[str, Any] = {
         "network": attachment.network,
         "container_id": attachment.container_id,
@@ -192,7 +205,7 @@ def attachment_body(attachment: Attachment, network: Network, block: str | None)
         "prefix_len": subnet.prefixlen,
         "gateway": gateway,
         "routes": [{"dst": network.spec.subnet, "gw": gateway}],
-        "subnet": subnet.with_prefixlen,
+        "subnet": spelled,
         "mtu": network.spec.mtu,
         "node": attachment.node,
         "name": attachment.name,
@@ -202,8 +215,35 @@ def attachment_body(attachment: Attachment, network: Network, block: str | None)
     return body
 
 
+ATTACHED = ("", 0)  # a claim's outcome: the container was attached meanwhile
+
+
+@dataclass(slots=True)
+class _Claim:
+    """One allocation waiting for a group transaction (Ipam._commit)."""
+
+    network: Network
+    block: Block
+    container_id: str
+    ifname: str
+    name: str
+    request: AttachmentRequest
+    # the address and the revision it was written at; None: the group's transaction failed
+    # and this allocation tries on its own; ATTACHED
+    done: asyncio.Future[tuple[str, int] | None]
+
+
 class Ipam:
-    """Networks, this node's blocks and its attachments, written through the store."""
+    """Networks, this node's blocks and its attachments, written through the store.
+
+    Concurrent allocations in one block are committed together (group commit): while one
+    transaction is on its way to the store, the allocations that arrive queue up, and the
+    next transaction creates all of them (each attachment and address key only if absent,
+    the network and the block unchanged). A group whose transaction fails (another worker of
+    the node took one of its addresses, a container attached twice at once, the network
+    changed) falls back to one transaction per allocation, so a conflict costs what it
+    always did; uniqueness rests on the compares either way.
+    """
 
     def __init__(
         self,
@@ -223,6 +263,8 @@ class Ipam:
         self._cursor: dict[str, int] = {}  # block -> offset of the last address handed out
         self._trying: set[tuple[str, str]] = set()  # (network, address) in a transaction now
         self._block_locks: dict[str, asyncio.Lock] = {}
+        self._claims: dict[tuple[str, str], list[_Claim]] = {}  # (network, block) -> queue
+        self._committers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def _visible(self, revision: int) -> None:
         await self.registry.reached(revision, VISIBLE_WAIT)
@@ -459,17 +501,139 @@ class Ipam:
         request: AttachmentRequest,
     ) -> Attached | None:
         """One attempt: None when a transaction lost a race that a retry may win."""
-        subnet = ipaddress.ip_network(block.cidr)
+        loop = asyncio.get_running_loop()
+        claim = _Claim(network, block, container_id, ifname, name, request, loop.create_future())
+        group = (network.name, block.cidr)
+        self._claims.setdefault(group, []).append(claim)
+        if group not in self._committers:
+            self._committers[group] = asyncio.create_task(self._commit(group), name="ipam-commit")
+        written = await claim.done
+        if written is None:
+            return await self._allocate_alone(network, block, container_id, ifname, name, request)
+        if written is ATTACHED:
+            return None  # attach() answers the attachment there is
+        address, revision = written
+        await self._visible(revision)
+        return self._attached(
+            network, block, container_id, ifname, name, request, address, revision
+        )
+
+    async def _commit(self, group: tuple[str, str]) -> None:
+        """Commit the queued allocations of one block, a group per transaction, until none
+        is left. Claims that arrive while a transaction is out wait for the next one."""
+        try:
+            while queue := self._claims.get(group):
+                first = queue[0]
+                batch: list[_Claim] = []
+                rest: list[_Claim] = []
+                for claim in queue:
+                    if claim.done.done():
+                        continue  # its caller went away
+                    same = (claim.network.revision, claim.block.revision) == (
+                        first.network.revision,
+                        first.block.revision,
+                    ) and claim.block.lease == first.block.lease
+                    (batch if same and len(batch) < GROUP else rest).append(claim)
+                if rest:
+                    self._claims[group] = rest
+                else:
+                    del self._claims[group]
+                if batch:
+                    later = await self._commit_group(batch)
+                    if later:
+                        self._claims[group] = later + self._claims.get(group, [])
+        finally:
+            del self._committers[group]
+            for claim in self._claims.pop(group, []):  # only when cancelled: none are left
+                claim.done.cancel()
+
+    async def _commit_group(self, batch: list[_Claim]) -> list[_Claim]:
+        """Commit one group; the claims it leaves for the next (a container attached twice
+        at once: the second waits to see what the first did)."""
+        network, block = batch[0].network, batch[0].block
+        subnet = _subnet(block.cidr)[0]
         assert isinstance(subnet, ipaddress.IPv4Network)
         free = self._free(network.name, subnet)
-        picked = next(free, None)
+        expect = {
+            self.keys.network(network.name): network.revision,
+            self.keys.block(network.name, block.cidr): block.revision,
+        }
+        ops: list[Put | Delete] = []
+        members: list[tuple[_Claim, str]] = []
+        later: list[_Claim] = []
+        last = None
+        for claim in batch:
+            attachment_key = self.keys.attachment(network.name, claim.container_id, claim.ifname)
+            if attachment_key in expect:
+                later.append(claim)
+                continue
+            if self.registry.attachment(network.name, claim.container_id, claim.ifname):
+                claim.done.set_result(ATTACHED)  # its caller answers what is there
+                continue
+            picked = next(free, None)
+            if picked is None:
+                claim.done.set_exception(self._exhausted(network, block))
+                continue
+            last, address = picked
+            self._trying.add((network.name, address))
+            address_key = self.keys.address(network.name, address)
+            expect[attachment_key] = expect[address_key] = 0
+            value = Attachment.encode(address, self.node, claim.name, claim.request.service)
+            guard = {"container_id": claim.container_id, "ifname": claim.ifname}
+            ops.append(Put(attachment_key, value, block.lease))
+            ops.append(Put(address_key, json.dumps(guard).encode(), block.lease))
+            members.append((claim, address))
+        if not members:
+            return later
+        try:
+            result = await self.store.txn(expect, ops)
+        except BaseException as error:
+            for claim, _ in members:
+                if not claim.done.done():
+                    if isinstance(error, Exception):
+                        claim.done.set_exception(error)
+                    else:
+                        claim.done.cancel()
+            for _, address in members:
+                self._trying.discard((network.name, address))
+            if isinstance(error, Exception):
+                return later  # each caller has the error
+            raise
+        if result.succeeded and last is not None:
+            self._cursor[block.cidr] = last
+        for claim, address in members:
+            if not claim.done.done():
+                claim.done.set_result((address, result.revision) if result.succeeded else None)
+        if result.succeeded:
+            # the addresses stay taken for the next group until this replica's registry
+            # shows them
+            await self._visible(result.revision)
+        for _, address in members:
+            self._trying.discard((network.name, address))
+        return later
+
+    def _exhausted(self, network: Network, block: Block) -> IpamError:
+        return IpamError(
+            507,
+            "Addresses exhausted",
+            f"network {network.name}: block {block.cidr} of node {self.node} has no free address",
+        )
+
+    async def _allocate_alone(
+        self,
+        network: Network,
+        block: Block,
+        container_id: str,
+        ifname: str,
+        name: str,
+        request: AttachmentRequest,
+    ) -> Attached | None:
+        """One attempt in a transaction of its own."""
+        subnet = ipaddress.ip_network(block.cidr)
+        assert isinstance(subnet, ipaddress.IPv4Network)
+        picked = next(self._free(network.name, subnet), None)
         if picked is None:
-            raise IpamError(
-                507,
-                "Addresses exhausted",
-                f"network {network.name}: block {block.cidr} of node {self.node} has no "
-                "free address",
-            )
+            raise self._exhausted(network, block)
         offset, address = picked
         attachment_key = self.keys.attachment(network.name, container_id, ifname)
         address_key = self.keys.address(network.name, address)
@@ -492,8 +656,23 @@ class Ipam:
             return None
         self._cursor[block.cidr] = offset
         await self._visible(result.revision)
+        return self._attached(
+            network, block, container_id, ifname, name, request, address, result.revision
+        )
+
+    def _attached(
+        self,
+        network: Network,
+        block: Block,
+        container_id: str,
+        ifname: str,
+        name: str,
+        request: AttachmentRequest,
+        address: str,
+        revision: int,
+    ) -> Attached:
         attachment = Attachment(
-            attachment_key,
+            self.keys.attachment(network.name, container_id, ifname),
             network.name,
             container_id,
             ifname,
@@ -502,14 +681,14 @@ class Ipam:
             name,
             request.service,
             block.lease,
-            result.revision,
+            revision,
         )
-        return Attached(self._body(attachment, network), True)
+        return Attached(attachment_body(attachment, network, block.cidr), True)
 
     def _body(self, attachment: Attachment, network: Network) -> dict[str, Any]:
         blocks = self.registry.blocks(network.name)
         address = ipaddress.ip_address(attachment.address)
-        block = next((c for c in blocks if address in ipaddress.ip_network(c)), None)
+        block = next((c for c in blocks if address in _subnet(c)[0]), None)
         return attachment_body(attachment, network, block)
 
     def body(self, attachment: Attachment) -> dict[str, Any] | None:
