@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,35 @@ async def check(etcd: EtcdServer, replicas: list[Replica]) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
+async def probe(session: aiohttp.ClientSession, replicas: list[Replica], stable: int,
+                stop: asyncio.Event, note: Callable[[str], None]) -> None:  # fmt: skip
+    """Once a second, how many stable instances each replica lists: a drop (what dnsperf would
+    see as NXDOMAIN) and its end are noted as events, with how many were missing."""
+    missing_since: dict[str, tuple[float, int]] = {}
+    while not stop.is_set():
+        for r in replicas:
+            try:
+                async with session.get(r.url + "/v1/registry?limit=5000") as response:
+                    body = await response.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+            held = sum(i["service"].startswith("svc") for i in body["instances"])
+            missing = stable - held
+            began = missing_since.get(r.name)
+            if missing > 0 and began is None:
+                missing_since[r.name] = (time.monotonic(), missing)
+                note(f"{r.name} lists {missing} of the {stable} stable instances as missing")
+            elif missing > 0 and began is not None and missing > began[1]:
+                missing_since[r.name] = (began[0], missing)
+                note(f"{r.name}: {missing} stable instances missing")
+            elif missing <= 0 and began is not None:
+                del missing_since[r.name]
+                note(f"{r.name} lists every stable instance again, "
+                     f"after {time.monotonic() - began[0]:.1f} s")  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
 @dataclass
 class Churn:
     registered: int = 0
@@ -316,6 +346,7 @@ async def soak(args: argparse.Namespace, work: Path, procs: Procs) -> tuple[list
         stop = asyncio.Event()
         churn_stats = Churn()
         churner = asyncio.create_task(churn(urls, args.churn, stop, churn_stats))
+        prober = asyncio.create_task(probe(session, replicas, args.stable, stop, note))
         store = EtcdStore([etcd.endpoint], request_timeout=10.0, dial_timeout=5.0)
         restarts = [args.duration / 3, 2 * args.duration / 3]
         next_compact = args.compact_every
@@ -351,6 +382,7 @@ async def soak(args: argparse.Namespace, work: Path, procs: Procs) -> tuple[list
         finally:
             stop.set()
             await churner
+            await prober
             await store.close()
         note(f"churn stopped: {churn_stats.registered} registered, {churn_stats.deleted} deleted, "
              f"{churn_stats.left_to_expire} left to expire, {churn_stats.unavailable} unavailable, "
@@ -488,6 +520,7 @@ def parse_args() -> argparse.Namespace:
         "--compact-every", type=float, default=60, help="seconds between compactions (60)"
     )
     p.add_argument("--etcd-down", type=float, default=3, help="seconds etcd stays down (3)")
+    p.add_argument("--keep-logs", metavar="DIR", help="copy the logs (replicas, etcd) to DIR")
     p.add_argument("--no-docs", action="store_true", help=f"only print; do not write {DOCS}")
     return p.parse_args()
 
@@ -504,10 +537,18 @@ def main() -> int:
     procs = Procs()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with tempfile.TemporaryDirectory(prefix="discovery-soak-") as tmp:
+        if args.keep_logs:  # what the stable registrations' client did, too
+            handler = logging.FileHandler(Path(tmp) / "client.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logging.getLogger("discovery.client").addHandler(handler)
+            logging.getLogger("discovery.client").setLevel(logging.INFO)
+            logging.getLogger("discovery.client").propagate = False
         try:
             lines, ok = asyncio.run(soak(args, Path(tmp), procs))
         finally:
             procs.stop_all()
+            if args.keep_logs:
+                shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True)
     text = "\n".join(lines)
     print(text)
     if not args.no_docs:
