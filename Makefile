@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2 dnsmasq-base util-linux libc-bin chromium
+APT_TEST := etcd-server bind9-dnsutils iputils-ping iproute2 dnsmasq-base util-linux libc-bin chromium gcc python3-dev
 APT_BENCH := dnsperf dnsmasq-base etcd-server knot nsd
 APT_IMAGE := podman runc mmdebstrap podman-compose bind9-dnsutils curl docker.io docker-compose
 IMAGE ?= localhost/discovery:dev
@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.runtime ## start the server: DNS 127.0.0.1:8053, HTTP 127.0.0.1:8080, embedded store
 	$(VENV)/bin/discovery serve
 
-test-deps: ## install what the tests use (apt): etcd, dig, ping, ip, dnsmasq, setpriv, chromium
-	@for tool in etcd dig ping ip bridge getent setpriv chromium; do command -v $$tool >/dev/null || missing=1; done; \
+test-deps: ## install what the tests use (apt): etcd, dig, ping, ip, dnsmasq, setpriv, chromium, gcc and the Python headers
+	@for tool in etcd dig ping ip bridge getent setpriv chromium gcc; do command -v $$tool >/dev/null || missing=1; done; \
 	{ command -v dnsmasq || test -x /usr/sbin/dnsmasq; } >/dev/null || missing=1; \
+	python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' || missing=1; \
 	[ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST); }
 

@@ -26,6 +26,7 @@ from .config import (
     parse_networks,
     parse_upstreams,
 )
+from .dns.transport import UDP_IO
 from .server import Server, raise_file_limit
 from .workers import Supervisor
 
@@ -42,6 +43,13 @@ def _log_level(text: str) -> str:
     if level not in ("debug", "info", "warning", "error"):
         raise ValueError(f"{text!r} is not one of debug, info, warning, error")
     return level
+
+
+def _udp_io(text: str) -> str:
+    value = text.strip().lower()
+    if value not in UDP_IO:
+        raise ValueError(f"{text!r} is not one of {', '.join(UDP_IO)}")
+    return value
 
 
 def _integer(text: str) -> int:
@@ -125,6 +133,13 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         "cap on open DNS TCP connections from one client address",
     ),
     ("--dns-rate-limit", _integer, 0, "DNS queries per second per client address (0: no limit)"),
+    (
+        "--dns-udp-io",
+        _udp_io,
+        "",
+        "how UDP datagrams are read and answered, many per wake-up: mmsg (recvmmsg/sendmmsg)"
+        " or loop (recvfrom/sendto in Python) [default: mmsg where it is built]",
+    ),
     ("--max-answers", _integer, 0, "records per DNS answer, a rotated subset (0: all that fit)"),
     ("--log-level", _log_level, "info", "debug, info, warning or error"),
     ("--node", str, None, "this node's name for container networking (default: the host name)"),

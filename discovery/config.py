@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .dns.transport import UDP_IO, udp_io_default
+
 log = logging.getLogger("discovery")
 
 LISTEN_BACKLOG = 1024
@@ -180,6 +182,7 @@ class Config:
     tcp_message_timeout: float = 2.0
     tcp_max_connections_per_client: int = 16
     dns_rate_limit: int = 0  # queries per second per client address; 0: no limit
+    dns_udp_io: str = ""  # mmsg or loop (transport.UDP_IO); "": mmsg where it is built
     max_answers: int = 0  # records per answer; 0: as many as fit the message
     log_level: str = "info"
     node: str = "node"
@@ -243,6 +246,13 @@ class Config:
             raise ConfigError("--tcp-max-connections-per-client must be at least 1")
         if self.dns_rate_limit < 0:
             raise ConfigError("--dns-rate-limit must be 0 (off) or queries per second")
+        if self.dns_udp_io not in ("", *UDP_IO):
+            raise ConfigError(f"--dns-udp-io must be one of {', '.join(UDP_IO)}")
+        if self.dns_udp_io == "mmsg" and udp_io_default() != "mmsg":
+            raise ConfigError(
+                "--dns-udp-io mmsg: the recvmmsg extension (discovery.dns._batch) is not built;"
+                " install a C compiler and the Python headers and reinstall, or use loop"
+            )
         if self.max_answers < 0:
             raise ConfigError("--max-answers must be 0 (as many as fit) or a number of records")
         if not is_node_name(self.node):

@@ -20,7 +20,7 @@ from .config import Config, Sockets
 from .dns.answers import Answers, DnsSettings
 from .dns.forward import Forwarder
 from .dns.resolver import Resolver
-from .dns.transport import TcpConnections, TcpLimits, open_listeners
+from .dns.transport import TcpConnections, TcpLimits, UdpListener, open_listeners
 from .http_server import GuardedSite, HttpConnections
 from .metrics import Metrics
 from .model import records_prefix
@@ -145,7 +145,7 @@ class Server:
         self.http_address: tuple[str, int] = (config.http.host, config.http.port)
         self._tasks: list[asyncio.Task[None]] = []
         self._sockets: Sockets | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: UdpListener | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: TcpConnections | None = None
         self._runner: web.AppRunner | None = None
@@ -183,6 +183,7 @@ class Server:
                 ),
                 self.resolver.stats.refused,
                 config.dns_rate_limit,
+                config.dns_udp_io,
             )
             if self.overlay is not None:
                 await self.overlay.start()

@@ -17,7 +17,7 @@ import functools
 import logging
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -75,66 +75,205 @@ class RateLimiter:
             self.buckets.clear()
 
 
-class UdpResponder(asyncio.DatagramProtocol):
-    def __init__(self, answer: Answerer, refusals: Counter[str] | None = None) -> None:
+try:
+    from . import _batch  # recvmmsg/sendmmsg, compiled at install time where a compiler is
+except ImportError:  # pragma: no cover - the pure-Python loop serves instead
+    _batch = None  # type: ignore[assignment]
+
+UDP_IO = ("mmsg", "loop")  # how the UDP listener reads and writes (--dns-udp-io)
+BATCH = 64  # datagrams answered per wake-up at most: TCP and HTTP get their turn in between
+DATAGRAM = 65536  # room for any datagram, so none is cut short
+WRITE_CHUNK = 65536  # TCP answers written together at most (then a paused client stops reading)
+
+
+def udp_io_default() -> str:
+    """recvmmsg/sendmmsg where the extension was built, else the pure-Python loop."""
+    return "mmsg" if _batch is not None else "loop"
+
+
+class UdpListener:
+    """DNS over UDP on a non-blocking socket the loop watches (`add_reader`): each wake-up
+    reads and answers up to BATCH datagrams, rather than one callback per datagram. `mmsg`
+    reads them with one recvmmsg and sends the answers with one sendmmsg (the `_batch`
+    extension); `loop` calls recvfrom and sendto for each, in pure Python. Answers the socket
+    has no room for wait in order, and meanwhile nothing is read (the kernel's receive buffer
+    holds the queries), so memory stays bounded."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        answer: Answerer,
+        refusals: Counter[str] | None = None,
+        limiter: RateLimiter | None = None,
+        io: str = "",
+    ) -> None:
+        io = io or udp_io_default()
+        if io not in UDP_IO:
+            raise ValueError(f"UDP I/O {io!r}: one of {', '.join(UDP_IO)}")
+        if io == "mmsg" and _batch is None:
+            raise ValueError("UDP I/O 'mmsg': the discovery.dns._batch extension is not built")
+        self.io = io
+        self.sock = sock
+        self.fd = sock.fileno()
         self.answer = answer
         self.refusals: Counter[str] = Counter() if refusals is None else refusals
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: set[asyncio.Task[bytes]] = set()
+        self.limiter = limiter
+        self.backlog: deque[tuple[bytes, Any]] = deque()  # answers waiting for buffer room
+        self.pending: set[asyncio.Task[bytes]] = set()  # forwarded queries
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reading = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
-                except OSError:
-                    pass
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+            except OSError:
+                pass
+        self._reading(True)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def close(self) -> None:
+        if self.loop is not None:
+            self._reading(False)
+            if self.backlog:
+                self.loop.remove_writer(self.fd)
+            self.loop = None
+        self.backlog.clear()
+        for task in self.pending:
+            task.cancel()
+        self.sock.close()
+
+    def _reading(self, on: bool) -> None:
+        if self.loop is None or on == self.reading:
+            return
+        self.reading = on
+        if on:
+            self.loop.add_reader(self.fd, self._mmsg if self.io == "mmsg" else self._loop)
+        else:
+            self.loop.remove_reader(self.fd)
+
+    def _loop(self) -> None:
+        recvfrom = self.sock.recvfrom
+        sendto = self.sock.sendto
+        answer = self.answer
+        limiter = self.limiter
+        for _ in range(BATCH):
+            try:
+                data, addr = recvfrom(DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.debug("UDP socket error: %s", error)
+                return
+            if limiter is not None and not limiter.allow(addr[0]):
+                self.refusals["rate_limit"] += 1
+                continue
+            try:
+                response = answer(data, False)
+            except Exception:  # one bad packet must never take the listener down
+                log.exception("failed to answer a UDP query from %s", addr[0])
+                continue
+            if response is None:
+                continue
+            if response.__class__ is not bytes:
+                self._forwarded(cast(Coroutine[Any, Any, bytes], response), addr)
+                continue
+            try:
+                sendto(response, addr)
+            except (BlockingIOError, InterruptedError):
+                self._wait_for_room([(response, addr)])
+                return
+            except OSError as error:
+                log.debug("UDP socket error: %s", error)
+
+    def _mmsg(self) -> None:
         try:
-            response = self.answer(data, False)
-        except Exception:  # one bad packet must never take the listener down
-            log.exception("failed to answer a UDP query from %s", addr)
+            received = _batch.recv(self.fd, BATCH)
+        except OSError as error:
+            log.debug("UDP socket error: %s", error)
             return
-        if response is None or self.transport is None:
+        answer = self.answer
+        limiter = self.limiter
+        out: list[tuple[bytes, bytes]] = []
+        for data, name in received:
+            if limiter is not None and not limiter.allow(_host(name)):
+                self.refusals["rate_limit"] += 1
+                continue
+            try:
+                response = answer(data, False)
+            except Exception:  # one bad packet must never take the listener down
+                log.exception("failed to answer a UDP query from %s", _host(name))
+                continue
+            if response is None:
+                continue
+            if response.__class__ is bytes:
+                out.append((response, name))
+            else:
+                self._forwarded(cast(Coroutine[Any, Any, bytes], response), name)
+        if out:
+            sent = _batch.send(self.fd, out, 0)
+            if sent < len(out):
+                self._wait_for_room(out[sent:])
+
+    def _send(self, response: bytes, addr: Any) -> None:
+        """One answer, now or after those waiting for room."""
+        if self.backlog:
+            self.backlog.append((response, addr))
             return
-        if isinstance(response, bytes):
-            self.transport.sendto(response, addr)
+        if self.io == "mmsg":
+            if not _batch.send(self.fd, [(response, addr)], 0):
+                self._wait_for_room([(response, addr)])
             return
+        try:
+            self.sock.sendto(response, addr)
+        except (BlockingIOError, InterruptedError):
+            self._wait_for_room([(response, addr)])
+        except OSError as error:
+            log.debug("UDP socket error: %s", error)
+
+    def _wait_for_room(self, answers: list[tuple[bytes, Any]]) -> None:
+        """The socket's send buffer is full: write when it has room, read nothing till then."""
+        self.backlog.extend(answers)
+        if self.loop is not None and self.reading:
+            self._reading(False)
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _flush(self) -> None:
+        backlog = self.backlog
+        if self.io == "mmsg":
+            for _ in range(_batch.send(self.fd, list(backlog), 0)):
+                backlog.popleft()
+        else:
+            while backlog:
+                try:
+                    self.sock.sendto(*backlog[0])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:
+                    log.debug("UDP socket error: %s", error)
+                backlog.popleft()
+        if not backlog and self.loop is not None:
+            self.loop.remove_writer(self.fd)
+            self._reading(True)
+
+    def _forwarded(self, response: Coroutine[Any, Any, bytes], addr: Any) -> None:
         task = asyncio.ensure_future(response)
         self.pending.add(task)
         task.add_done_callback(functools.partial(self._send_later, addr))
 
-    def _send_later(self, addr: tuple[str, int], task: asyncio.Task[bytes]) -> None:
+    def _send_later(self, addr: Any, task: asyncio.Task[bytes]) -> None:
         self.pending.discard(task)
         response = _result(task)
-        if response is not None and self.transport is not None:
-            self.transport.sendto(response, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP socket error: %s", exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        for task in self.pending:
-            task.cancel()
+        if response is not None and self.loop is not None:
+            self._send(response, addr)
 
 
-class RateLimitedUdpResponder(UdpResponder):
-    """The same with --dns-rate-limit: a query over the client's rate is dropped (a
-    subclass, so that the unlimited listener pays nothing for the check)."""
-
-    def __init__(self, answer: Answerer, refusals: Counter[str], limiter: RateLimiter) -> None:
-        super().__init__(answer, refusals)
-        self.limiter = limiter
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not self.limiter.allow(addr[0]):
-            self.refusals["rate_limit"] += 1
-            return
-        super().datagram_received(data, addr)
+def _host(name: bytes) -> str:
+    """The address in a raw struct sockaddr (IPv4 or IPv6) from the extension."""
+    if len(name) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, name[8:24])
+    return socket.inet_ntop(socket.AF_INET, name[4:8])
 
 
 def _result(task: asyncio.Task[bytes]) -> bytes | None:
@@ -266,21 +405,27 @@ class TcpResponder(asyncio.Protocol):
         self._drain()
 
     def _drain(self) -> None:
-        """Answer every whole message in the buffer, then time what is left: the idle
-        timeout when nothing is, a deadline from now when a message has begun (bytes that
-        do not finish it never extend that deadline)."""
+        """Answer every whole message in the buffer, written together (one system call for
+        all the answers to one read, up to WRITE_CHUNK bytes at a time, so that a client that
+        does not read pauses this loop as before), then time what is left: the idle timeout
+        when nothing is, a deadline from now when a message has begun (bytes that do not
+        finish it never extend that deadline)."""
         buffer = self.buffer
         answered = False
-        while not self.paused and self.transport is not None and len(buffer) >= 2:
-            size = buffer[0] << 8 | buffer[1]
-            if len(buffer) < 2 + size:
+        at = 0
+        out: list[bytes] = []
+        waiting = 0  # bytes in out
+        while not self.paused and self.transport is not None and len(buffer) - at >= 2:
+            size = buffer[at] << 8 | buffer[at + 1]
+            if len(buffer) - at < 2 + size:
                 break
-            query = bytes(buffer[2 : 2 + size])
-            del buffer[: 2 + size]
+            query = bytes(buffer[at + 2 : at + 2 + size])
+            at += 2 + size
             answered = True
             limiter = self.owner.limiter
             if limiter is not None and not limiter.allow(self.client or ""):
                 self.owner.refusals["rate_limit"] += 1
+                self._write(out)
                 self.close()  # RFC 7766 6.2.4: close rather than leave a query unanswered
                 return
             try:
@@ -289,14 +434,22 @@ class TcpResponder(asyncio.Protocol):
                 log.exception("failed to answer a TCP query")
                 response = None
             if response is None:
+                self._write(out)
                 self.close()  # RFC 7766 6.2.4: close rather than leave a query unanswered
                 return
             if isinstance(response, bytes):
-                self.transport.write(len(response).to_bytes(2, "big") + response)
+                out.append(len(response).to_bytes(2, "big"))
+                out.append(response)
+                waiting += len(response)
+                if waiting >= WRITE_CHUNK:
+                    self._write(out)
+                    waiting = 0
                 continue
             task = asyncio.ensure_future(response)
             self.pending.add(task)
             task.add_done_callback(self._write_later)
+        del buffer[:at]
+        self._write(out)
         if self.transport is None or self.transport.is_closing():
             return
         if answered or not self.partial:
@@ -307,6 +460,12 @@ class TcpResponder(asyncio.Protocol):
             else:  # idle, or waiting for the client to read its answers
                 self.partial = False
                 self._arm(limits.idle_timeout, self.close)
+
+    def _write(self, out: list[bytes]) -> None:
+        """Write the framed answers in `out` (and empty it)."""
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+        out.clear()
 
     def _write_later(self, task: asyncio.Task[bytes]) -> None:
         self.pending.discard(task)
@@ -342,19 +501,15 @@ async def open_listeners(
     limits: TcpLimits,
     refusals: Counter[str] | None = None,
     rate_limit: float = 0.0,
-) -> tuple[asyncio.DatagramTransport, asyncio.Server, TcpConnections]:
+    udp_io: str = "",
+) -> tuple[UdpListener, asyncio.Server, TcpConnections]:
     """Serve UDP and TCP on sockets bound already (by this process or its parent)."""
     loop = asyncio.get_running_loop()
     counted: Counter[str] = Counter() if refusals is None else refusals
     limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
     connections = TcpConnections(answer, limits, counted, limiter)
-
-    def udp_protocol() -> UdpResponder:
-        if limiter is None:
-            return UdpResponder(answer, counted)
-        return RateLimitedUdpResponder(answer, counted, limiter)
-
-    udp, _ = await loop.create_datagram_endpoint(udp_protocol, sock=udp_sock)
+    udp = UdpListener(udp_sock, answer, counted, limiter, udp_io)
+    udp.start()
     try:
         tcp = await loop.create_server(connections.protocol, sock=tcp_sock, backlog=1024)
     except BaseException:
