@@ -4,17 +4,21 @@ under dnsperf.
 One command, run from anywhere with the Python that has `discovery` installed:
 
     python bench/dnsperf_compare.py            # full: 3 rounds x 10 s per server and mode
+    python bench/dnsperf_compare.py --rounds 3 --duration 5 --fixed-duration 5   # shorter
     python bench/dnsperf_compare.py --rounds 1 --duration 2 --fixed-duration 2   # quick look
+    python bench/versus.py setup REV && python bench/dnsperf_compare.py --before REV
 
 It needs dnsperf, dnsmasq, NSD, Knot DNS and matplotlib (`make bench-deps` installs them; the
-bench itself installs nothing and says what is missing), starts the five servers on free 127.0.0.1
+bench itself installs nothing and says what is missing), starts the servers on free 127.0.0.1
 ports pinned to CPU 1 (NSD with one server process, Knot with one UDP worker), loads the same 1,000
 services into discovery (through its HTTP API), into NSD and Knot (one zone file) and into dnsmasq
 (hosts file + srv-host lines), checks that all give the same answers to every distinct query of
-the query file, then runs `taskset -c 0 dnsperf -c 1` against each server in alternation, plain and
-with EDNS, and once at a fixed rate. It prints a table and writes docs/benchmarks.md and
-docs/qps.png. Everything it started is stopped on exit, Ctrl-C or error. Nothing but 127.0.0.1 is
-ever bound or queried.
+the query file, then runs `taskset -c 0 dnsperf -c 1` against each server in alternation, plain,
+with EDNS and over TCP (`-m tcp`: discovery, NSD and Knot), and once at a fixed rate. discovery
+runs twice, with each way of reading UDP (`--dns-udp-io mmsg`, the default, and `loop`); with
+`--before REV`, a third time with the code of REV (installed by `bench/versus.py setup REV`).
+It prints a table and writes docs/benchmarks.md and docs/qps.png. Everything it started is
+stopped on exit, Ctrl-C or error. Nothing but 127.0.0.1 is ever bound or queried.
 """
 
 from __future__ import annotations
@@ -57,12 +61,22 @@ DNSMASQ = "dnsmasq"
 NSD = "NSD"
 KNOT = "Knot"
 ECHO = "uvloop echo"
-SERVERS = ("discovery", NSD, KNOT, DNSMASQ, ECHO)
+LOOP = "discovery (loop)"  # --dns-udp-io loop: recvfrom/sendto in Python, no recvmmsg
+SERVERS = ("discovery", LOOP, NSD, KNOT, DNSMASQ, ECHO)
+TCP_SERVERS = ("discovery", NSD, KNOT)  # the ones measured over TCP too
 PEERS = (NSD, KNOT, DNSMASQ)  # the ratio discovery/peer is reported for each
-LABELS = {"discovery": "discovery", NSD: "NSD", KNOT: "Knot DNS", DNSMASQ: "dnsmasq",
-          ECHO: "uvloop echo\n(ceiling)"}  # fmt: skip
+LABELS = {"discovery": "discovery", LOOP: "discovery\n(loop)", NSD: "NSD", KNOT: "Knot DNS",
+          DNSMASQ: "dnsmasq", ECHO: "uvloop echo\n(ceiling)"}  # fmt: skip
 ZONE = "cluster.local"
-MODES = ("plain", "edns")
+MODES = ("plain", "edns", "tcp")
+MODE_LABELS = {"plain": "plain", "edns": "EDNS (-e)", "tcp": "TCP (-m tcp)"}
+CORES = (1, 2, 4, 8, 16)  # the model of several cores
+
+
+def lineup(mode: str, before: str | None = None) -> tuple[str, ...]:
+    """The servers measured in a mode (the echo server and dnsmasq's forks: UDP only)."""
+    names = TCP_SERVERS if mode == "tcp" else SERVERS
+    return names + ((before,) if before else ())
 
 
 # --------------------------------------------------------------------------- set-up
@@ -252,15 +266,21 @@ def _http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any
         conn.close()
 
 
-def start_discovery(procs: Procs, work: Path) -> tuple[Proc, int]:
+def start_discovery(
+    procs: Procs, work: Path, name: str = "discovery", python: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> tuple[Proc, int]:  # fmt: skip
+    """discovery (or, with `python`, the code installed in that venv), pinned, on free ports."""
+    command = [python, "-P", "-m", "discovery"] if python else discovery_command()
+    log_path = work / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log"
     for attempt in range(3):
         dns_port, http_port = free_port(), free_port()
         argv = [
-            *discovery_command(), "serve",
+            *command, "serve",
             "--dns", f"{HOST}:{dns_port}", "--http", f"{HOST}:{http_port}",
-            "--log-level", "warning",
+            "--log-level", "warning", *extra,
         ]  # fmt: skip
-        proc = procs.start("discovery", _pinned(SERVER_CPU, argv), work / "discovery.log", dns_port)
+        proc = procs.start(name, _pinned(SERVER_CPU, argv), log_path, dns_port)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and proc.popen.poll() is None:
             with contextlib.suppress(OSError):
@@ -275,7 +295,7 @@ def start_discovery(procs: Procs, work: Path) -> tuple[Proc, int]:
                 return proc, http_port
         procs.stop(proc)
         log(f"discovery did not start on its ports (attempt {attempt + 1}); retrying")
-    raise SystemExit(f"discovery would not start; see {work / 'discovery.log'}")
+    raise SystemExit(f"{name} would not start; see {log_path}")
 
 
 def register(http_port: int, services: list[Service], ttl: int) -> float:
@@ -413,12 +433,20 @@ def start_echo(procs: Procs, work: Path) -> Proc:
 # --------------------------------------------------------------------------- DNS checks
 
 
-def ask(port: int, name: str, qtype: str, edns: bool, timeout: float = 2.0) -> Any:
+def ask(port: int, name: str, qtype: str, edns: bool, timeout: float = 2.0,
+        tcp: bool = False) -> Any:  # fmt: skip
     from dnslib import EDNS0, DNSRecord
 
     query = DNSRecord.question(name, qtype)
     if edns:
         query.add_ar(EDNS0(udp_len=1232))
+    if tcp:
+        with socket.create_connection((HOST, port), timeout=timeout) as stream:
+            wire = query.pack()
+            stream.sendall(len(wire).to_bytes(2, "big") + wire)
+            reader = stream.makefile("rb")
+            size = int.from_bytes(reader.read(2), "big")
+            return DNSRecord.parse(reader.read(size))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.connect((HOST, port))
@@ -461,17 +489,23 @@ def summary(reply: Any) -> tuple[Any, ...]:
 
 
 def check_answers(
-    ports: dict[str, int], services: list[Service], queries: list[tuple[str, str]]
-) -> list[str]:
-    """Every distinct query of the file, plain and with EDNS, against discovery and its peers:
-    the expected data, and the same answer from all. Returns lines for the report."""
+    ports: dict[str, int], services: list[Service], queries: list[tuple[str, str]],
+    tcp_servers: tuple[str, ...] = (),
+) -> list[str]:  # fmt: skip
+    """Every distinct query of the file, plain and with EDNS, against discovery and its peers,
+    and over TCP against `tcp_servers`: the expected data, and the same answer from all.
+    Returns lines for the report."""
     by_name = {s.name: s for s in services}
     by_srv = {s.srv_name: s for s in services if s.http}
     distinct = sorted(set(queries))
     problems: list[str] = []
-    for edns in (False, True):
+    for edns, tcp in ((False, False), (True, False), (False, True)):
+        asked = [server for server in ports if not tcp or server in tcp_servers]
         for name, qtype in distinct:
-            got = {server: summary(ask(ports[server], name, qtype, edns)) for server in ports}
+            got = {
+                server: summary(ask(ports[server], name, qtype, edns, tcp=tcp))
+                for server in asked
+            }
             want: tuple[Any, ...]
             fqdn = name + "."
             if qtype == "A" and name in by_name:
@@ -485,17 +519,25 @@ def check_answers(
                 want = ("NXDOMAIN", (), (), edns)
             for server, summ in got.items():
                 if summ != want:
-                    problems.append(f"{server} {name} {qtype} edns={edns}: {summ} != {want}")
+                    problems.append(
+                        f"{server} {name} {qtype} edns={edns} tcp={tcp}: {summ} != {want}"
+                    )
             if len(problems) > 20:
                 raise SystemExit("wrong answers:\n" + "\n".join(problems))
     if problems:
         raise SystemExit("wrong answers:\n" + "\n".join(problems))
     checked = 2 * len(distinct)
-    return [
+    lines = [
         f"{checked} queries ({len(distinct)} distinct lines of the query file, plain and with "
         "EDNS) gave the expected rcode, answer and additional records (names, TTLs, data) and an "
         "OPT record exactly when asked, from " + ", ".join(ports) + " alike.",
     ]
+    if tcp_servers:
+        lines.append(
+            f"The same {len(distinct)} queries over TCP gave the same answers from "
+            + ", ".join(tcp_servers) + "."
+        )
+    return lines
 
 
 def check_echo(port: int) -> None:
@@ -638,7 +680,7 @@ def measure(
     cpu0, busy0, wall0 = _tree_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
     client0, cbusy0 = children(), _cpu_busy(CLIENT_CPU)
     values, cmd = dnsperf(procs, server.name, server.port, query_file, seconds, mode == "edns",
-                          qps_limit)  # fmt: skip
+                          qps_limit, tcp=mode == "tcp")  # fmt: skip
     cpu1, busy1, wall1 = _tree_cpu(server.popen.pid), _cpu_busy(SERVER_CPU), time.monotonic()
     client1, cbusy1 = children(), _cpu_busy(CLIENT_CPU)
     return Run(server.name, mode, rnd, slot, values["qps"], values["avg"] * 1000,
@@ -650,12 +692,14 @@ def measure(
 
 def dnsperf(
     procs: Procs, server: str, port: int, query_file: Path, seconds: int, edns: bool,
-    qps_limit: int | None = None,
+    qps_limit: int | None = None, tcp: bool = False,
 ) -> tuple[dict[str, Any], str]:  # fmt: skip
     argv = ["dnsperf", "-s", HOST, "-p", str(port), "-d", str(query_file), "-c", "1"]
     argv += ["-l", str(seconds)]
     if edns:
         argv.append("-e")
+    if tcp:
+        argv += ["-m", "tcp"]
     if qps_limit:
         argv += ["-Q", str(qps_limit)]
     full = _pinned(CLIENT_CPU, argv)
@@ -751,15 +795,16 @@ class Row:
         return [r.qps for r in self.runs]
 
 
-def build_rows(runs: list[Run], rounds: int) -> list[Row]:
+def build_rows(runs: list[Run], rounds: int, before: str | None = None) -> list[Row]:
     rows = []
     for mode in MODES:
-        for server in SERVERS:
+        names = lineup(mode, before)
+        for server in names:
             mine = sorted((r for r in runs if r.server == server and r.mode == mode),
                           key=lambda r: r.round)  # fmt: skip
             ratios: dict[str, list[float]] = {}
             if server == "discovery":
-                for peer in PEERS:
+                for peer in [n for n in names if n not in ("discovery", ECHO)]:
                     for rnd in range(rounds):
                         d = [
                             r.qps
@@ -793,7 +838,7 @@ def table_lines(rows: list[Row]) -> list[str]:
             + " | ".join(
                 (
                     row.server,
-                    "EDNS (-e)" if row.mode == "edns" else "plain",
+                    MODE_LABELS[row.mode],
                     f"{_median(qps):,.0f}",
                     f"{min(qps):,.0f}-{max(qps):,.0f}",
                     f"{_median([r.avg_ms for r in row.runs]):.3f}",
@@ -840,11 +885,13 @@ def raw_lines(runs: list[Run]) -> list[str]:
 
 def _grouped_bars(ax: Any, rows: list[Row], metric: Any, fmt: str, colors: dict[str, str]) -> None:
     """Median of the rounds per server and mode, whiskers from min to max."""
-    width = 0.38
+    width = 0.8 / len(MODES)
     top = 0.0
-    for offset, mode in ((-width / 2, "plain"), (width / 2, "edns")):
+    servers = list(dict.fromkeys(r.server for r in rows))
+    for k, mode in enumerate(MODES):
+        offset = (k - (len(MODES) - 1) / 2) * width
         xs, heights, lo, hi = [], [], [], []
-        for i, server in enumerate(SERVERS):
+        for i, server in enumerate(servers):
             row = next((r for r in rows if r.server == server and r.mode == mode), None)
             if row is None:
                 continue
@@ -855,11 +902,11 @@ def _grouped_bars(ax: Any, rows: list[Row], metric: Any, fmt: str, colors: dict[
             lo.append(med - min(values))
             hi.append(max(values) - med)
             top = max(top, max(values))
-        label = "EDNS (dnsperf -e)" if mode == "edns" else "plain"
-        drawn = ax.bar(xs, heights, width, yerr=[lo, hi], capsize=4, label=label,
+        drawn = ax.bar(xs, heights, width, yerr=[lo, hi], capsize=3, label=MODE_LABELS[mode],
                        color=colors[mode])  # fmt: skip
-        ax.bar_label(drawn, labels=[fmt.format(h) for h in heights], padding=3, fontsize=9)
-    ax.set_xticks(range(len(SERVERS)), [LABELS[s] for s in SERVERS])
+        ax.bar_label(drawn, labels=[fmt.format(h) for h in heights], padding=2, fontsize=7,
+                     rotation=90)  # fmt: skip
+    ax.set_xticks(range(len(servers)), [LABELS.get(s, s) for s in servers], fontsize=8)
     ax.set_ylim(0, top * 1.2 or 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
@@ -872,9 +919,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (bars, cost, ratios) = plt.subplots(
-        1, 3, figsize=(19, 5.5), gridspec_kw={"width_ratios": [1.8, 1.5, 1]}, layout="constrained"
+        1, 3, figsize=(22, 6), gridspec_kw={"width_ratios": [1.8, 1.6, 1]}, layout="constrained"
     )
-    colors = {"plain": "#4C72B0", "edns": "#DD8452"}
+    colors = {"plain": "#4C72B0", "edns": "#DD8452", "tcp": "#55A868"}
     _grouped_bars(bars, rows, lambda r: r.qps / 1000, "{:.0f}k", colors)
     bars.set_ylabel("thousand queries/s")
     bars.set_title("Queries/s (median of rounds, whiskers min-max)")
@@ -886,7 +933,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     for mode in MODES:
         row = next((r for r in rows if r.server == "discovery" and r.mode == mode), None)
         for peer, xs in (row.ratios if row else {}).items():
-            label = f"/{LABELS[peer]}, " + ("EDNS" if mode == "edns" else "plain")
+            if peer not in styles:
+                continue
+            label = f"/{LABELS[peer]}, {MODE_LABELS[mode]}"
             ratios.plot(range(1, len(xs) + 1), xs, styles[peer], color=colors[mode], label=label)
     ratios.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ratios.set_xlabel("round")
@@ -904,17 +953,57 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _plain_label(server: str) -> str:
+    return " ".join(LABELS.get(server, server).split())
+
+
+def model_lines(costs: dict[str, dict[str, float]], before: str | None) -> list[str]:
+    """Queries/s on N cores from the CPU time per query measured on one."""
+    servers = [s for s in ("discovery", NSD, KNOT, DNSMASQ) if s in costs.get("plain", {})]
+    head = ["server", "mode", "CPU us/query", *(f"{n} core{'s' * (n > 1)}" for n in CORES)]
+    lines = [
+        "## A model for several cores",
+        "",
+        "This machine has 2 cores, one of them for dnsperf, so scaling is modelled, not "
+        "measured: a server process busy on one core answers at most 1 / (its CPU time per "
+        "query) queries per second, and N of them (`--workers N` for discovery, `server-count: "
+        "N` for NSD, `udp-workers: N` for Knot), each on its own core with the clients "
+        "elsewhere, N times that. The CPU time per query is the median measured above, so the "
+        "model inherits its noise, and the ratio between two servers is the same on any number "
+        "of cores. What it leaves out: discovery's workers share one UDP socket (the parent "
+        "binds it), so they take datagrams from one receive queue under its lock, where NSD "
+        "and Knot open one socket per process with SO_REUSEPORT; each discovery worker keeps "
+        "its own copy of the registry (memory, and one etcd watch each); and on loopback the "
+        "CPU time of a server includes delivering its answers into the client's socket, which "
+        "a real network card takes partly off the server's core.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for mode in MODES:
+        for server in servers:
+            cost = costs.get(mode, {}).get(server)
+            if not cost or cost != cost:  # not measured in this mode, or NaN
+                continue
+            cells = [f"{n * 1e6 / cost:,.0f}" for n in CORES]
+            lines.append(
+                f"| {_plain_label(server)} | {MODE_LABELS[mode]} | {cost:.2f} | "
+                + " | ".join(cells) + " |"
+            )
+    return lines
+
+
 def write_markdown(
     path: Path, *, command: str, started: dt.datetime, facts: dict[str, str], args: Any,
     rows: list[Row], fixed: list[Run], runs: list[Run], checks: list[str], load: list[str],
     registration_s: float, discovery_log: list[str], png: Path | None,
+    before: str | None = None,
 ) -> None:  # fmt: skip
-    plain = next((r for r in rows if r.server == "discovery" and r.mode == "plain"), None)
-    edns = next((r for r in rows if r.server == "discovery" and r.mode == "edns"), None)
     verdict: dict[str, list[str]] = {}
-    for label, row in (("plain", plain), ("EDNS", edns)):
+    for mode in MODES:
+        row = next((r for r in rows if r.server == "discovery" and r.mode == mode), None)
         for peer, xs in (row.ratios if row else {}).items():
-            verdict.setdefault(peer, []).append(f"{label} {_median(xs):.2f}")
+            verdict.setdefault(peer, []).append(f"{MODE_LABELS[mode]} {_median(xs):.2f}")
     fixed_disc = next((r for r in fixed if r.server == "discovery"), None)
     peers = f"dnsmasq {facts['dnsmasq']}, NSD {facts['nsd']}, Knot DNS {facts['knot']}"
     lost = sum(r.lost for r in runs if r.server == "discovery")
@@ -927,17 +1016,23 @@ def write_markdown(
         "",
     ]
     for peer, parts in verdict.items():
+        what = {
+            LOOP: "discovery (`--dns-udp-io loop`, recvfrom/sendto per datagram in Python)",
+            before: f"discovery at {before} (the code before)",
+        }.get(peer, LABELS.get(peer, peer))
         text.append(
-            f"* discovery / {LABELS[peer]} queries per second (median of the per-round ratios): "
+            f"* discovery / {what} queries per second (median of the per-round ratios): "
             f"{', '.join(parts)}."
         )
     text.append(f"* Queries lost by discovery over all runs: {lost}.")
-    for label, mode in (("plain", "plain"), ("EDNS", "edns")):
+    costs: dict[str, dict[str, float]] = {}
+    for mode in MODES:
         cost = {r.server: _median([x.us_per_query for x in r.runs]) for r in rows if r.mode == mode}
+        costs[mode] = cost
         if "discovery" in cost:
             text.append(
-                f"* Server CPU time per answered query, {label}: "
-                + ", ".join(f"{LABELS[k].splitlines()[0]} {v:.2f} us" for k, v in cost.items())
+                f"* Server CPU time per answered query, {MODE_LABELS[mode]}: "
+                + ", ".join(f"{_plain_label(k)} {v:.2f} us" for k, v in cost.items())
                 + " (this measure leaves out the time neighbours took, so it is steadier than "
                 "queries/s here)."
             )
@@ -963,13 +1058,24 @@ def write_markdown(
         "TTL discovery gives). The query file has "
         f"{args.lines:,} lines: 80% A hits, 10% SRV hits, 10% names that do not exist, shuffled.",
         "",
-        "The five servers are pinned to CPU 1 (`taskset -c 1`) and measured one at a time "
+        "The servers are pinned to CPU 1 (`taskset -c 1`) and measured one at a time "
         "(the others sit idle), dnsperf on CPU 0 "
         f"(`taskset -c 0 dnsperf -c 1 -l {args.duration}`, at most 100 queries in flight, so "
         "latency at full speed is mostly queueing). "
         f"{args.rounds} rounds; in each round every server is measured plain and with `-e` "
-        "(EDNS0), one after the other, and the order of the servers rotates from round to round. "
-        "The ratio discovery/peer is taken within a round, from runs a few seconds apart.",
+        "(EDNS0), and discovery, NSD and Knot DNS over TCP too (`-m tcp`: one connection, "
+        "queries pipelined), one after the other, and the order of the servers rotates from "
+        "round to round. The ratio discovery/peer is taken within a round, from runs a few "
+        "seconds apart.",
+        "",
+        "discovery runs twice: as it starts by default (`--dns-udp-io mmsg`: each wake-up of the "
+        "event loop reads up to 64 datagrams with one `recvmmsg` and sends their answers with "
+        "one `sendmmsg`) and as `discovery (loop)` (`--dns-udp-io loop`: the same loop with "
+        "`recvfrom` and `sendto` for each datagram, in Python: what runs where the C extension "
+        "is not built)"
+        + (f", and a third time with the code of {before} (`python bench/versus.py setup "
+           f"{before}`: one asyncio `datagram_received` callback per datagram)" if before else "")
+        + ".",
         "",
         "The uvloop echo server (`bench/echo_server.py`) sends each query back with the QR bit "
         "set: no parsing, no lookup. It is the ceiling for any Python server on uvloop.",
@@ -982,6 +1088,8 @@ def write_markdown(
         "## Queries per second",
         "",
         *table_lines(rows),
+        "",
+        *model_lines(costs, before),
         "",
         "Latency columns: the median of the rounds' averages and the largest maximum. "
         "Server CPU us/query: the server process's user+system time during the run (from "
@@ -1049,7 +1157,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where results go")
     parser.add_argument("--no-docs", action="store_true", help="print the table only")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--before", metavar="REV",
+        help="also run discovery at REV (installed first by `python bench/versus.py setup REV`)",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def before_python(revision: str) -> tuple[str, str]:
+    """The name of the server of REV in the tables and the Python of its venv."""
+    from versus import commit_of, home
+
+    commit = commit_of(revision)
+    python = home(commit) / "venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no venv for {revision}: run `python bench/versus.py setup {revision}`")
+    LABELS[f"discovery {commit[:7]}"] = f"discovery\n{commit[:7]}"
+    return f"discovery {commit[:7]}", str(python)
 
 
 @contextlib.contextmanager
@@ -1075,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dnsmasq = ensure_tools()
     ensure_python_packages(plot=not args.no_docs)
+    before, before_py = before_python(args.before) if args.before else (None, None)
     services = make_services(args.services, args.http_services)
     queries = make_queries(services, args.lines, args.seed)
     work = Path(tempfile.mkdtemp(prefix="dnsbench-"))
@@ -1091,23 +1216,34 @@ def main(argv: list[str] | None = None) -> int:
             log(f"registered {len(services)} services in {took:.1f} s")
             if not wait_dns(discovery, services[-1].name):
                 raise SystemExit("discovery does not answer for the last registered service")
-            dnsm = start_dnsmasq(procs, work, dnsmasq, services)
+            by_name = {"discovery": discovery}
+            others = [(LOOP, None, ("--dns-udp-io", "loop"))]
+            if before:
+                others.append((before, before_py, ()))
+            for name, python, extra in others:
+                proc, port = start_discovery(procs, work, name, python, extra)
+                register(port, services, ttl=3600)
+                if not wait_dns(proc, services[-1].name):
+                    raise SystemExit(f"{name} does not answer for the last registered service")
+                by_name[name] = proc
+            by_name[DNSMASQ] = start_dnsmasq(procs, work, dnsmasq, services)
             zone = write_zone(work, services)
-            nsd = start_nsd(procs, work, zone, services)
-            knot = start_knot(procs, work, zone, services)
-            echo = start_echo(procs, work)
-            by_name = {"discovery": discovery, NSD: nsd, KNOT: knot, DNSMASQ: dnsm, ECHO: echo}
+            by_name[NSD] = start_nsd(procs, work, zone, services)
+            by_name[KNOT] = start_knot(procs, work, zone, services)
+            by_name[ECHO] = echo = start_echo(procs, work)
             log(", ".join(f"{k} pid {p.popen.pid} port {p.port}" for k, p in by_name.items()))
             checks = check_answers(
-                {name: by_name[name].port for name in ("discovery", *PEERS)}, services, queries
-            )
+                {name: p.port for name, p in by_name.items() if name != ECHO}, services, queries,
+                lineup("tcp", before),
+            )  # fmt: skip
             check_echo(echo.port)
             log("answers checked: " + checks[0])
             runs: list[Run] = []
             for rnd in range(args.rounds):
-                turn = rnd % len(SERVERS)
-                order = list(SERVERS[turn:] + SERVERS[:turn])
                 for mode in MODES:
+                    names = lineup(mode, before)
+                    turn = rnd % len(names)
+                    order = list(names[turn:] + names[:turn])
                     for slot, server in enumerate(order):
                         for proc in procs.running:
                             if proc.popen.poll() is not None:
@@ -1147,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"work directory kept: {work}")
 
-    rows = build_rows(runs, args.rounds)
+    rows = build_rows(runs, args.rounds, before)
     print()
     print("\n".join(table_lines(rows)))
     print()
@@ -1165,7 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
         md = args.docs / "benchmarks.md"
         write_markdown(md, command=command, started=started, facts=facts, args=args, rows=rows,
                        fixed=fixed, runs=runs, checks=checks, load=load, registration_s=took,
-                       discovery_log=discovery_log, png=png)  # fmt: skip
+                       discovery_log=discovery_log, png=png, before=before)  # fmt: skip
         log(f"wrote {md} and {png}")
     return 0
 
