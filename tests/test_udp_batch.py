@@ -248,6 +248,33 @@ async def test_a_flood_over_the_rate_limit_is_cut_per_client(
         assert listener.refusals["rate_limit"] == 60 - flood_answers
 
 
+async def test_ipv6_clients_are_answered_and_limited_by_their_address(io: str) -> None:
+    limiter = RateLimiter(100)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind(("::1", 0))
+    listener = UdpListener(sock, RESOLVER.answer, Counter(), limiter, io)
+    listener.start()
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.bind(("::1", 0))
+    client.setblocking(False)
+    try:
+        wire = _query("web.default.svc.cluster.local", "AAAA")
+        client.sendto(wire, sock.getsockname()[:2])
+        got: list[bytes] = []
+
+        async def answered() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                got.append(client.recv(65535))
+            return bool(got)
+
+        await eventually(answered, "the answer over IPv6")
+        check_answer(wire, got[0])
+        assert list(limiter.buckets) == ["::1"]  # the key TCP connections from ::1 use too
+    finally:
+        listener.close()
+        client.close()
+
+
 async def _true(value: bool) -> bool:
     return value
 
