@@ -662,3 +662,37 @@ async def test_etcd_cancelled_keepalives_leave_the_stream_in_step(etcd_store: Et
         task.cancel()
     assert await etcd_store.keepalive(long) == 90
     assert await etcd_store.keepalive(short) == 30
+
+
+async def test_etcd_an_expired_lease_does_not_hold_back_the_renewals_behind_it(
+    etcd_server: EtcdServer,
+) -> None:
+    """etcd serves a keepalive stream one request at a time and holds the renewal of a lease
+    that has expired, but is not revoked yet, until it is revoked; it revokes at most 1,000
+    expired leases a second. With 2,500 leases expiring together, the last ones wait about
+    two seconds for their revoke, and a renewal of one of them held every renewal behind it
+    on the stream as long (or failed the stream after the request timeout): live leases went
+    unrenewed, expired in turn, and heartbeats collapsed in a cascade. Now the live ones are
+    renewed, and the expired one answered 0, before etcd revokes it (its key still there)."""
+    async with open_etcd_store(etcd_server, request_timeout=2.0) as store:
+        gate = asyncio.Semaphore(64)
+
+        async def grant(ttl: int) -> int:
+            async with gate:
+                return await store.grant(ttl)
+
+        live = await asyncio.gather(*(grant(60) for _ in range(200)))
+        dying = await asyncio.gather(*(grant(8) for _ in range(2_500)))
+        last = dying[-1]
+        await store.put(b"/t/last", b"", last)
+        # renewed together, they expire together, within 8 s from now; the last one renewed
+        # is about the last one etcd revokes
+        assert min(await store.keepalive_many(dying)) == 8
+        renewed = time.monotonic()
+        await asyncio.sleep(8.2)  # until every one of them has expired (a time, not an event)
+        ttls = await store.keepalive_many([last, *live])
+        took = time.monotonic() - renewed - 8.2
+        assert ttls == [0] + [60] * len(live)
+        assert await store.get(b"/t/last") is not None, (
+            f"the renewals took {took:.2f} s: they waited until etcd had revoked the expired lease"
+        )

@@ -43,6 +43,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _LOAD_PAGE = 5_000  # keys per Range request when loading a prefix
+_SWEEP_FLOOR = 4_096  # leases remembered before the first sweep of lapse times
+_FORGET_AFTER = 60.0  # seconds past its lapse a lease is forgotten (etcd revoked it by then)
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -141,6 +143,10 @@ class EtcdStore:
         self._connect_lock = asyncio.Lock()
         self._closed = False
         self._keepalives: LeaseStream | None = None
+        # lease -> loop time from which etcd may count it expired: the send time of its last
+        # grant or renewal from here plus its TTL (etcd starts the TTL when the request arrives)
+        self._lapses: dict[int, float] = {}
+        self._sweep_at = _SWEEP_FLOOR
         self._closing: set[asyncio.Future[None]] = set()  # connections being closed
 
     # connection
@@ -244,9 +250,11 @@ class EtcdStore:
 
     async def grant(self, ttl: int, lease_id: int = 0) -> int:
         request = rpc.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+        sent = asyncio.get_running_loop().time()
         response = await self._call(lambda c: c.lease.LeaseGrant(request, **c.call_args))
         if response.error:
             raise StoreError(f"lease grant failed: {response.error}")
+        self._note(int(response.ID), sent, int(response.TTL))
         return int(response.ID)
 
     async def keepalive(self, lease: int) -> int:
@@ -256,32 +264,58 @@ class EtcdStore:
         the answer with its lease ID (answers for one ID come back in request order), instead
         of opening a stream per call. Bounded by request_timeout (one timer per stream, not
         one per call); a broken or silent stream fails every pending call with
-        StoreUnavailable and the next call opens a new one.
+        StoreUnavailable and the next call opens a new one. A lease that may have expired
+        is asked about first, off the stream (see keepalive_many).
         """
-        relogged = False
-        while True:
-            conn = await self._connection()
-            try:
-                ttl = await self._lease_stream(conn).send(lease)
-            except StreamUnauthenticated:
-                if self._user is None or relogged:
-                    raise StoreError(f"etcd {conn.endpoint}: keepalive unauthenticated") from None
-                relogged = True
-                await conn.login()
-                continue
-            except StoreUnavailable:
-                self._check_open()
-                raise
-            if ttl <= 0:
-                raise LeaseNotFound(f"lease {lease:x} not found")
-            return ttl
+        ttl = (await self.keepalive_many([lease]))[0]
+        if ttl <= 0:
+            raise LeaseNotFound(f"lease {lease:x} not found")
+        return ttl
 
     async def keepalive_many(self, leases: Sequence[int]) -> list[int]:
         """Renew every lease on the shared LeaseKeepAlive stream: all requests written at
-        once, the answers awaited together (one round trip for the batch, not one each)."""
+        once, the answers awaited together (one round trip for the batch, not one each).
+
+        etcd serves a stream one request at a time, and holds the renewal of a lease that
+        has expired but is not revoked yet until it is revoked: at most 1,000 revocations a
+        second, so with many leases expired at once, seconds. Every renewal behind it on
+        the stream waits as long, and their leases can expire meanwhile: a cascade. So a
+        lease that may have expired by now (as far as this process renewed it: its
+        lapse time has passed) is not sent on the stream but asked about with
+        LeaseTimeToLive, which etcd answers at once: renewed only when it still has a
+        second or more (another replica renewed it), else 0 like an unknown one.
+        """
+        if not leases:
+            return []
+        now = asyncio.get_running_loop().time()
+        lapses = self._lapses
+        doubtful = sorted({lease for lease in leases if lapses.get(lease, now + 1) <= now})
+        if not doubtful:
+            return await self._renew_many(leases)
+        remaining = await asyncio.gather(*(self._remaining(lease) for lease in doubtful))
+        lapsed = {lease for lease, left in zip(doubtful, remaining, strict=True) if left < 1}
+        for lease in lapsed:
+            lapses.pop(lease, None)
+        alive = [lease for lease in leases if lease not in lapsed]
+        ttl_of = dict(zip(alive, await self._renew_many(alive), strict=True)) if alive else {}
+        return [ttl_of.get(lease, 0) for lease in leases]
+
+    async def _remaining(self, lease: int) -> int:
+        """Whole seconds etcd gives the lease: 0 or less when it has expired or has under a
+        second left, -1 when etcd does not know it (revoked)."""
+        request = rpc.LeaseTimeToLiveRequest(ID=lease, keys=False)
+        try:
+            response = await self._call(lambda c: c.lease.LeaseTimeToLive(request, **c.call_args))
+        except LeaseNotFound:
+            return -1
+        return int(response.TTL)
+
+    async def _renew_many(self, leases: Sequence[int]) -> list[int]:
         relogged = False
+        loop = asyncio.get_running_loop()
         while True:
             conn = await self._connection()
+            sent = loop.time()
             try:
                 stream = self._lease_stream(conn)
                 futures = [stream.send(lease) for lease in leases]
@@ -291,7 +325,10 @@ class EtcdStore:
             answers = await asyncio.gather(*futures, return_exceptions=True)
             failures = [a for a in answers if isinstance(a, BaseException)]
             if not failures:
-                return [max(0, int(ttl)) for ttl in answers if not isinstance(ttl, BaseException)]
+                ttls = [max(0, int(ttl)) for ttl in answers if not isinstance(ttl, BaseException)]
+                for lease, ttl in zip(leases, ttls, strict=True):
+                    self._note(lease, sent, ttl)
+                return ttls
             if any(isinstance(f, StreamUnauthenticated) for f in failures):
                 if self._user is None or relogged:
                     raise StoreError(f"etcd {conn.endpoint}: keepalive unauthenticated")
@@ -300,6 +337,20 @@ class EtcdStore:
                 continue  # renewing a lease twice is harmless
             self._check_open()
             raise failures[0]
+
+    def _note(self, lease: int, sent: float, ttl: int) -> None:
+        """Remember when the lease may lapse (ttl 0: it is gone); now and then forget the
+        leases long past that (revoked by now, so a renewal of one is answered at once)."""
+        lapses = self._lapses
+        if ttl > 0:
+            lapses[lease] = sent + ttl
+        else:
+            lapses.pop(lease, None)
+        if len(lapses) >= self._sweep_at:
+            old = sent - _FORGET_AFTER
+            for stale in [lease for lease, lapse in lapses.items() if lapse < old]:
+                del lapses[stale]
+            self._sweep_at = max(_SWEEP_FLOOR, 2 * len(lapses))
 
     def _lease_stream(self, conn: EtcdConnection) -> LeaseStream:
         stream = self._keepalives
@@ -318,13 +369,13 @@ class EtcdStore:
         return stream
 
     async def time_to_live(self, lease: int) -> int:
-        request = rpc.LeaseTimeToLiveRequest(ID=lease, keys=False)
-        response = await self._call(lambda c: c.lease.LeaseTimeToLive(request, **c.call_args))
-        if response.TTL < 0:
+        ttl = await self._remaining(lease)
+        if ttl < 0:
             raise LeaseNotFound(f"lease {lease:x} not found")
-        return int(response.TTL)
+        return ttl
 
     async def revoke(self, lease: int) -> None:
+        self._lapses.pop(lease, None)
         request = rpc.LeaseRevokeRequest(ID=lease)
         await self._call(lambda c: c.lease.LeaseRevoke(request, **c.call_args))
 
