@@ -151,7 +151,8 @@ class DiscoveryClient:
         ssl: ssl.SSLContext | None = None,
     ) -> None:
         """`connections`: the most connections open to one server at once (a call waits for
-        one, and the wait counts against its timeout). `heartbeat_batch`: the most heartbeats
+        one, and the wait counts against its timeout; deregistrations go `connections` at a
+        time, each timed from when it is sent). `heartbeat_batch`: the most heartbeats
         of this client's registrations sent in one call (1: one call each). `ssl`: for https://
         servers with a private CA or mutual TLS (see tls_context)."""
         if not 1 <= heartbeat_batch <= HEARTBEAT_BATCH:
@@ -173,6 +174,10 @@ class DiscoveryClient:
         self._current = 0  # the URL that answered last
         self.closed = False
         self.heartbeats = _Heartbeats(self, heartbeat_batch)
+        # registrations stopped together (a process exiting) deregister `connections` at a
+        # time: a DELETE's timeout then counts from when it can be sent, not while it waits
+        # for a connection behind thousands of others
+        self.deregistering = asyncio.Semaphore(connections)
 
     async def __aenter__(self) -> DiscoveryClient:
         return self
@@ -477,7 +482,8 @@ class Registration:
                 await task
         if deregister and (self.registrations or self._sent):
             try:
-                await self.client.request("DELETE", self._path, timeout=min(5.0, self.interval))
+                async with self.client.deregistering:
+                    await self.client.request("DELETE", self._path, timeout=min(5.0, self.interval))
             except DiscoveryError as error:
                 log.warning(
                     "could not deregister %s (its lease will expire): %s", self._path, error

@@ -175,6 +175,7 @@ class Front:
         self.without_batches = False  # set: POST /v1/heartbeats is 404, as on an older server
         self.batch_limit: int | None = None  # set: larger batches get 413
         self.hold_answers: asyncio.Event | None = None  # set: answers wait for it
+        self.delete_delay = 0.0  # seconds each DELETE waits before it is forwarded
         self.forwarded = asyncio.Event()
         self.seen: collections.Counter[str] = collections.Counter()
         self.url = ""
@@ -204,6 +205,8 @@ class Front:
                 status=503, headers={"Retry-After": "2"}, content_type="application/problem+json",
             )  # fmt: skip
         assert self._session is not None
+        if kind == "DELETE" and self.delete_delay:
+            await asyncio.sleep(self.delete_delay)  # a slow server (one DELETE at a time)
         async with self._session.request(
             request.method, self.target + request.path_qs, data=await request.read(),
             headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
@@ -327,6 +330,25 @@ async def test_cancelled_while_the_first_register_call_is_in_flight(server: Serv
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not live(server, "web-9")
+
+
+async def test_registrations_stopped_together_all_deregister(server: Server) -> None:
+    """More registrations stopped at once than the client has connections: each DELETE's
+    timeout (a heartbeat interval here, 1 s) starts once it has its turn, so none times out.
+    Before, they all started at once and queued for the pool: with 12 DELETEs of 0.4 s over
+    2 connections, the last 8 timed out and their instances stayed until their leases ran
+    out (a process holding 10,000 lost half of them that way)."""
+    async with Front(url(server)) as front, DiscoveryClient(front.url, connections=2) as client:
+        regs = [
+            client.registration(NS, SVC, f"d-{i}", address=f"10.1.3.{i + 1}", ttl=3)
+            for i in range(12)
+        ]
+        await asyncio.gather(*(reg.start() for reg in regs))
+        assert all(live(server, f"d-{i}") for i in range(12))
+        front.delete_delay = 0.4
+        await asyncio.gather(*(reg.stop() for reg in regs))
+        assert front.seen["DELETE"] == 12
+        assert [i for i in range(12) if live(server, f"d-{i}")] == []
 
 
 async def test_fails_over_to_the_next_url(server: Server) -> None:
