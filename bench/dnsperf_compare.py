@@ -278,7 +278,7 @@ def start_discovery(
         argv = [
             *command, "serve",
             "--dns", f"{HOST}:{dns_port}", "--http", f"{HOST}:{http_port}",
-            "--log-level", "warning", *extra,
+            "--log-level", "warning", "--cni-socket", "", *extra,
         ]  # fmt: skip
         proc = procs.start(name, _pinned(SERVER_CPU, argv), log_path, dns_port)
         deadline = time.monotonic() + 20
@@ -754,7 +754,8 @@ def how_it_was_run(
 def machine_facts() -> dict[str, str]:
     def run(argv: list[str]) -> str:
         try:
-            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            return done.stdout + done.stderr  # nsd -v writes to stderr
         except OSError:
             return ""
 
@@ -997,7 +998,7 @@ def write_markdown(
     path: Path, *, command: str, started: dt.datetime, facts: dict[str, str], args: Any,
     rows: list[Row], fixed: list[Run], runs: list[Run], checks: list[str], load: list[str],
     registration_s: float, discovery_log: list[str], png: Path | None,
-    before: str | None = None,
+    before: str | None = None, before_rev: str | None = None,
 ) -> None:  # fmt: skip
     verdict: dict[str, list[str]] = {}
     for mode in MODES:
@@ -1018,7 +1019,7 @@ def write_markdown(
     for peer, parts in verdict.items():
         what = {
             LOOP: "discovery (`--dns-udp-io loop`, recvfrom/sendto per datagram in Python)",
-            before: f"discovery at {before} (the code before)",
+            before: f"discovery at {before_rev} (the code before)",
         }.get(peer, LABELS.get(peer, peer))
         text.append(
             f"* discovery / {what} queries per second (median of the per-round ratios): "
@@ -1073,8 +1074,8 @@ def write_markdown(
         "one `sendmmsg`) and as `discovery (loop)` (`--dns-udp-io loop`: the same loop with "
         "`recvfrom` and `sendto` for each datagram, in Python: what runs where the C extension "
         "is not built)"
-        + (f", and a third time with the code of {before} (`python bench/versus.py setup "
-           f"{before}`: one asyncio `datagram_received` callback per datagram)" if before else "")
+        + (f", and a third time with the code of {before_rev} (`python bench/versus.py setup "
+           f"{before_rev}`) as `{before}`" if before else "")
         + ".",
         "",
         "The uvloop echo server (`bench/echo_server.py`) sends each query back with the QR bit "
@@ -1301,7 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
         md = args.docs / "benchmarks.md"
         write_markdown(md, command=command, started=started, facts=facts, args=args, rows=rows,
                        fixed=fixed, runs=runs, checks=checks, load=load, registration_s=took,
-                       discovery_log=discovery_log, png=png, before=before)  # fmt: skip
+                       discovery_log=discovery_log, png=png, before=before,
+                       before_rev=args.before)  # fmt: skip
         log(f"wrote {md} and {png}")
     return 0
 

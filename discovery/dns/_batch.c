@@ -87,8 +87,10 @@ batch_send(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PyArg_ParseTuple(args, "iO!n", &fd, &PyList_Type, &messages, &start))
         return NULL;
     total = PyList_GET_SIZE(messages);
-    if (start < 0)
-        start = 0;
+    if (start < 0 || start > total) {
+        PyErr_SetString(PyExc_IndexError, "start out of range");
+        return NULL;
+    }
     while (start < total) {
         n = 0;
         for (; n < MAX_BATCH && start + n < total; n++) {
