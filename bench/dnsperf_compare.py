@@ -1210,7 +1210,9 @@ def main(argv: list[str] | None = None) -> int:
     load = [" ".join(f"{x:.2f}" for x in os.getloadavg())]
     try:
         with sigterm_as_interrupt():
-            discovery, http_port = start_discovery(procs, work)
+            # mmsg named, so that a tree without the C extension fails here rather than
+            # measure its pure-Python loop twice
+            discovery, http_port = start_discovery(procs, work, extra=("--dns-udp-io", "mmsg"))
             log(f"discovery pid {discovery.popen.pid}: dns {HOST}:{discovery.port}, "
                 f"http {HOST}:{http_port}")  # fmt: skip
             took = register(http_port, services, ttl=3600)
