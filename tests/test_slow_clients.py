@@ -133,7 +133,7 @@ async def test_half_sent_body_is_408_and_closed() -> None:
             for _, writer in slow:
                 writer.write(
                     b"PUT /v1/services/default/web/instances/web-1 HTTP/1.1\r\nHost: localhost\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"addr"
+                    b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"addr'
                 )
             latency = await timed_get(session, base(server) + "/healthz")
             assert latency < 1.0
@@ -246,10 +246,12 @@ async def test_thousands_of_parked_long_polls_cost_other_services_nothing() -> N
     async with serve(*args) as server, aiohttp.ClientSession() as session:
         for i in range(50):  # the services the polls watch, and one the DNS queries ask for
             url = f"{base(server)}/v1/services/{NS}/watched-{i}/instances/w-1"
-            async with session.put(url, json={"address": f"10.78.0.{i + 1}"}) as response:
+            body = {"address": f"10.78.0.{i + 1}", "ttl": 3600}  # none expires mid-test
+            async with session.put(url, json=body) as response:
                 assert response.status == 201
         async with session.put(
-            f"{base(server)}/v1/services/{NS}/quiet/instances/q-1", json={"address": "10.79.0.1"}
+            f"{base(server)}/v1/services/{NS}/quiet/instances/q-1",
+            json={"address": "10.79.0.1", "ttl": 3600},
         ) as response:
             assert response.status == 201
         async with session.get(f"{base(server)}/v1/services/{NS}/quiet") as response:
