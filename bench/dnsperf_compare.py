@@ -295,7 +295,8 @@ def start_discovery(
                 return proc, http_port
         procs.stop(proc)
         log(f"discovery did not start on its ports (attempt {attempt + 1}); retrying")
-    raise SystemExit(f"{name} would not start; see {log_path}")
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    raise SystemExit(f"{name} would not start; its log ends:\n" + "\n".join(tail))
 
 
 def register(http_port: int, services: list[Service], ttl: int) -> float:
