@@ -11,6 +11,16 @@ ARG BASE=docker.io/library/python:3.12-slim-bookworm
 # Stage 1: build the wheel and install it with its dependencies into a virtual environment.
 FROM ${BASE} AS build
 WORKDIR /src
+# A C compiler (and the Python headers where the base lacks them) for the recvmmsg extension;
+# without them the wheel is built without it and the image reads UDP with the pure-Python loop.
+RUN headers='import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; \
+    if ! command -v cc >/dev/null || ! python3 -c "$headers"; then \
+      { apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+             $(python3 -c "$headers" || echo python3-dev) \
+        && rm -rf /var/lib/apt/lists/*; } \
+      || echo "no C compiler: the image reads UDP with the pure-Python loop" >&2; \
+    fi
 COPY pyproject.toml README.md LICENSE ./
 COPY discovery ./discovery
 RUN python3 -m venv /opt/discovery \
