@@ -252,6 +252,7 @@ class Access:
             names.add(config.http.host.lower().rstrip("."))
         self.names = frozenset(names)
         self.suffixes = tuple(h[1:] for h in config.http_allowed_hosts if h.startswith("*."))
+        self._hosts: dict[str, bool] = {}  # Host header -> allowed
 
     def reload(self, quiet_if_unchanged: bool = False) -> bool:
         """Re-read the auth file (SIGHUP); a bad one keeps the tokens loaded before."""
@@ -276,6 +277,17 @@ class Access:
         address cannot be rebound, and a client without Host is no browser."""
         if not header or self.any_host:
             return True
+        # a client sends one Host on every request: decided once (parsing an address costs
+        # more than the rest of this middleware), a bounded memo of what was seen
+        allowed = self._hosts.get(header)
+        if allowed is None:
+            allowed = self._host_allowed(header)
+            if len(self._hosts) >= 1024:
+                self._hosts.clear()
+            self._hosts[header] = allowed
+        return allowed
+
+    def _host_allowed(self, header: str) -> bool:
         host = _host_of(header)
         if _is_address(host) or host == "localhost" or host.endswith(".localhost"):
             return True

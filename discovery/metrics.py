@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -73,6 +73,23 @@ class Metrics:
             "Store calls from the HTTP API that failed because the store was unreachable",
             registry=self.registry,
         )
+        # labelled children by (method, route, status): labels() validates and takes a
+        # lock on every call, a dict lookup does not (every API request counts itself)
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP API request and observe its latency."""
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(method, route),
+            )
+            if len(self._http_children) < 4096:  # methods are the client's choice
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(
         self,

@@ -149,6 +149,45 @@ async def test_heartbeat_extends_the_lease(client: Client) -> None:
     assert body["address"] == "10.0.0.1"
 
 
+async def test_heartbeat_answers_the_registration_it_renewed(client: Client) -> None:
+    # the answer's bytes are kept per registration: a new one must show, never the old
+    metadata = {"quote": 'say "hi"\\', "unicode": "caf\u00e9 \u2603"}
+    first = await client.register(
+        "default", "web", "web-1", expect=201, address="10.0.0.1", metadata=metadata
+    )
+    await settle(client)
+    for _ in range(2):
+        status, body, headers = await client.request("PUT", INST + "web-1/heartbeat")
+        assert status == 200, body
+        assert headers["Content-Type"] == "application/json; charset=utf-8"
+        expires(body)
+        assert {**body, "lease": {**body["lease"], "expires_at": None}} == {
+            **first, "lease": {**first["lease"], "expires_at": None}
+        }
+    second = await client.register(
+        "default", "web", "web-1", expect=200, address="10.0.0.2", metadata={"v": "2"}
+    )
+    await settle(client)
+    status, body, _ = await client.request("PUT", INST + "web-1/heartbeat")
+    assert status == 200, body
+    assert (body["address"], body["metadata"]) == ("10.0.0.2", {"v": "2"})
+    assert body["lease"]["id"] == second["lease"]["id"] != first["lease"]["id"]
+
+
+def test_heartbeat_body_is_the_instance_body_encoded() -> None:
+    from discovery import api
+    from discovery.model import Instance, InstanceKey, Registration, Spec, encode_registration
+
+    registration = Registration(
+        address="10.0.0.1", metadata={"nul": "a\x00b", "expires_at": "\u0000"}, ttl=45
+    )
+    raw = encode_registration(registration)
+    instance = Instance(InstanceKey("default", "web", "web-1"), Spec.of(registration, raw), 7, 3)
+    for remaining in (45, 12, 45):
+        expected = json.dumps(api._instance_body(instance, remaining)).encode()
+        assert api._heartbeat_body(instance, remaining) == expected
+
+
 async def test_heartbeat_of_unknown_instance_is_404(client: Client) -> None:
     assert_problem(await client.request("PUT", INST + "nobody/heartbeat"), 404)
     await client.register("default", "web", "web-1", address="10.0.0.1")
