@@ -148,16 +148,22 @@ class Registration(BaseModel):
     def _address(cls, value: str) -> str:
         if "%" in value:  # fe80::1%eth0 means nothing to a DNS client
             raise ValueError("must not carry a zone index (%scope)")
-        for family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                packed = socket.inet_pton(family, value)
-            except OSError:
-                continue
-            address = ipaddress.ip_address(packed)
-            if address.is_unspecified or address.is_multicast:
+        try:  # IPv4 without ipaddress (every instance of a full load passes here)
+            packed = socket.inet_pton(socket.AF_INET, value)
+        except OSError:
+            pass
+        else:
+            if packed == b"\0\0\0\0" or 224 <= packed[0] <= 239:  # unspecified, multicast
                 raise ValueError("must be a unicast address")
-            return address.compressed
-        raise ValueError("must be an IPv4 or IPv6 address")
+            return socket.inet_ntop(socket.AF_INET, packed)
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, value)
+        except OSError:
+            raise ValueError("must be an IPv4 or IPv6 address") from None
+        address = ipaddress.ip_address(packed)
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError("must be a unicast address")
+        return address.compressed
 
     @field_validator("ports")
     @classmethod

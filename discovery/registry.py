@@ -288,8 +288,8 @@ class Registry:
         known = self._services.keys() | self._service_revision.keys()
         self._clear()
         changes = Changes(snapshot.revision)
-        for kv in snapshot.items:
-            self._put(kv, changes)
+        for kv in snapshot.items:  # keys are unique in a snapshot: nothing to replace
+            self._put(kv, changes, fresh=True)
         # Every service known before or after may have changed: long polls on any wake.
         for service in known | self._services.keys():
             self._service_revision[service] = snapshot.revision
@@ -317,8 +317,9 @@ class Registry:
             feed.update(self, changes)
         self._notify(changes.services)
 
-    def _put(self, kv: KeyValue, changes: Changes) -> None:
-        self._delete(kv.key, kv.mod_revision, changes)
+    def _put(self, kv: KeyValue, changes: Changes, fresh: bool = False) -> None:
+        if not fresh:
+            self._delete(kv.key, kv.mod_revision, changes)
         kind = self._keys.kind(kv.key)
         if kind == "instances":
             self._put_instance(kv, changes)

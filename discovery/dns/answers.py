@@ -10,12 +10,13 @@ names), reverse names (PTR), container names and DNS-SD browsing. A new source i
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import ipaddress
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -119,7 +120,8 @@ class AnswerState:
         return None
 
     def ttl(self, lease_ttl: int) -> int:
-        return min(self.settings.dns_ttl, lease_ttl)
+        dns_ttl = self.settings.dns_ttl
+        return lease_ttl if lease_ttl < dns_ttl else dns_ttl
 
     def _soa(self, zone: str) -> RR:
         settings = self.settings
@@ -250,7 +252,9 @@ class AnswerState:
 
     def ent(self, name: str, zone: Zone) -> bytes:
         """Hold an empty non-terminal (b"" for a static name, which is never released)."""
-        wire = name_to_wire(name)
+        return self.ent_wire(name_to_wire(name), zone)
+
+    def ent_wire(self, wire: bytes, zone: Zone) -> bytes:
         count = self._ent_refs.get(wire, 0)
         if count == 0:
             if wire in self.names:  # a static name (svc.<zone>): never released
@@ -311,12 +315,21 @@ class Answers:
 
 def _label(text: str) -> bytes:
     raw = text.encode("ascii")
-    return bytes((min(len(raw), 255),)) + raw  # over 63: an illegal name, never sent
+    size = len(raw)
+    return _LENGTHS[size if size < 255 else 255] + raw  # over 63: an illegal name, never sent
+
+
+_LENGTHS = [bytes((size,)) for size in range(256)]
 
 
 def _service_wire(service: ServiceKey, zone: Zone) -> bytes:
+    return _service_wire_of(service, zone.wire)
+
+
+@functools.lru_cache(maxsize=65_536)  # every instance of a service names it (one each)
+def _service_wire_of(service: ServiceKey, zone_wire: bytes) -> bytes:
     ns, svc = service
-    return _label(svc) + _label(ns) + b"\x03svc" + zone.wire
+    return _label(svc) + _label(ns) + b"\x03svc" + zone_wire
 
 
 def _container_wire(container: ContainerName, zone: Zone) -> bytes:
@@ -329,6 +342,7 @@ def instance_name(key: InstanceKey, zone: str) -> str:
 
 
 PortType = tuple[str, str]  # (port name, protocol)
+_Entry = tuple[object, bytes, int, tuple[bytes, bytes] | None]  # RecordSet.fill's
 
 
 class ServiceNames:
@@ -360,11 +374,12 @@ class ServiceNames:
         changed = self._changed.pop(service, None)
         instances = registry.instances(service)
         entry = self._services.get(service)
-        if entry is None:
+        if entry is None:  # a service new to this source: every instance, in one pass
             entry = self._services[service] = _Service(service, state)
-            changed = None  # a service new to this source: every instance
-        for name in sorted(instances) if changed is None else sorted(changed):
-            entry.update(state, name, instances.get(name))
+            entry.fill(state, instances)
+        else:
+            for name in sorted(instances) if changed is None else sorted(changed):
+                entry.update(state, name, instances.get(name))
         entry.publish(state)
         if not entry.held:
             del self._services[service]
@@ -394,13 +409,46 @@ class _Service:
                 self.dirty.add(port_type)
         if instance is None:
             return
+        held: list[tuple[RecordSet, object, PortType | None]] = []
+        for records, key, part, ttl, glue, port_type in self._records(state, name, instance):
+            records.put(key, part, ttl, glue)
+            held.append((records, key, port_type))
+            if port_type is not None:
+                self.dirty.add(port_type)
+        self.held[name] = held
+
+    def fill(self, state: AnswerState, instances: Mapping[str, Instance]) -> None:
+        """Every instance of a service new to this source (a full load): each record set's
+        records gathered in key order, then set in one pass (no insertion one by one)."""
+        gathered: dict[int, tuple[RecordSet, list[_Entry]]] = {}
+        for name in sorted(instances):
+            held: list[tuple[RecordSet, object, PortType | None]] = []
+            for records, key, part, ttl, glue, port_type in self._records(
+                state, name, instances[name]
+            ):
+                found = gathered.get(id(records))
+                if found is None:
+                    found = gathered[id(records)] = (records, [])
+                found[1].append((key, part, ttl, glue))
+                held.append((records, key, port_type))
+                if port_type is not None:
+                    self.dirty.add(port_type)
+            self.held[name] = held
+        for records, entries in gathered.values():
+            records.fill(entries)
+
+    def _records(
+        self, state: AnswerState, name: str, instance: Instance
+    ) -> list[tuple[RecordSet, object, bytes, int, tuple[bytes, bytes] | None, PortType | None]]:
+        """The records of one instance: (its set, key in it, record, TTL, glue, port type)."""
         spec = instance.spec
         ttl = state.ttl(spec.ttl)
         rtype, part = address_part(spec.address)
-        held: list[tuple[RecordSet, object, PortType | None]] = [
-            (self.addresses[rtype], name, None)
-        ]
-        self.addresses[rtype].put(name, part, ttl)
+        found: list[
+            tuple[RecordSet, object, bytes, int, tuple[bytes, bytes] | None, PortType | None]
+        ] = [(self.addresses[rtype], name, part, ttl, None, None)]
+        if not spec.ports:
+            return found
         glue = glue_record(spec.address, ttl)
         numbers = sorted({port.port for port in spec.ports})
         named = sorted({(port.name, port.protocol, port.port) for port in spec.ports})
@@ -409,20 +457,18 @@ class _Service:
             target = label + base
             if not state.legal(target, len(numbers) + len(named)):
                 continue
+            parts = {n: srv_part(spec.priority, spec.weight, n, target) for n in numbers}
+            pair = (target, glue)
+            every = self.srv[index]
             for number in numbers:
-                record = srv_part(spec.priority, spec.weight, number, target)
-                self.srv[index].put((name, number), record, ttl, (target, glue))
-                held.append((self.srv[index], (name, number), None))
+                found.append((every, (name, number), parts[number], ttl, pair, None))
             for port_name, protocol, number in named:
                 port_type = (port_name, protocol)
                 sets = self.ports.get(port_type)
                 if sets is None:
                     sets = self.ports[port_type] = [RecordSet(SRV, self.limit) for _ in self.bases]
-                record = srv_part(spec.priority, spec.weight, number, target)
-                sets[index].put((name, number), record, ttl, (target, glue))
-                held.append((sets[index], (name, number), port_type))
-                self.dirty.add(port_type)
-        self.held[name] = held
+                found.append((sets[index], (name, number), parts[number], ttl, pair, port_type))
+        return found
 
     def publish(self, state: AnswerState) -> None:
         """Set the service's names in the state from its record sets."""
@@ -539,28 +585,34 @@ class ReverseNames:
         holders = registry.holders(address)
         if not holders:
             return
-        reverse = _reverse_name(address)
-        zone = state.zone_of(reverse)
-        assert zone is not None
         # Many instances may share a node's address: name the first few in name order
         # (the same on every replica, however their updates arrived), so the answer stays
         # small and a change costs one pass over the holders, not a sort.
-        named = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_holder_order)
+        if len(holders) == 1:
+            first = list(holders.values())
+        else:
+            first = heapq.nsmallest(MAX_PTR_TARGETS, holders.values(), key=_holder_order)
         apex = state.apex
-        named = [holder for holder in named if state.legal(_holder_wire(holder, apex))]
+        named = [(h, wire) for h in first if state.legal(wire := _holder_wire(h, apex))]
         if not named:
             return
-        ttl = min(_holder_ttl(state, h) for h in named)
+        reverse = _reverse_name(address)
+        zone = state.zone_of(reverse)
+        assert zone is not None
+        ttl = min(_holder_ttl(state, h) for h, _ in named)
         if len(named) == 1:
-            answer = Answer.pointers(ttl, [_holder_wire(named[0], apex)])
+            answer = Answer.pointers(ttl, [named[0][1]])
         else:  # several targets share a suffix: the general encoder compresses them
-            records = tuple(RR(reverse, PTR, ttl, _holder_name(h, apex.name)) for h in named)
+            records = tuple(RR(reverse, PTR, ttl, _holder_name(h, apex.name)) for h, _ in named)
             answer = Answer.build(reverse, records)
-        owned = [state.node(name_to_wire(reverse), zone, {TYPE_WIRE[PTR]: answer})]
-        labels = reverse.split(".")
-        for depth in range(1, len(labels) - len(zone.name.split("."))):
-            if wire := state.ent(".".join(labels[depth:]), zone):
-                owned.append(wire)
+        wire = name_to_wire(reverse)
+        owned = [state.node(wire, zone, {TYPE_WIRE[PTR]: answer})]
+        # the empty non-terminals between the name and its zone: suffixes of its wire
+        at = wire[0] + 1
+        while len(wire) - at > len(zone.wire):
+            if parent := state.ent_wire(wire[at:], zone):
+                owned.append(parent)
+            at += wire[at] + 1
         state.own(("address", address), owned)
 
 
@@ -748,6 +800,7 @@ class DnsSdNames:
             return
         txt: dict[str, tuple[bytes, ...]] = {}
         owned: list[bytes] = []
+        label = _label(name)
         for zone in state.forward:
             base = _namespace_wire(namespace, zone.wire)
             for port_type, pairs in sorted(by_type.items()):
@@ -756,15 +809,15 @@ class DnsSdNames:
                     txt[first.key.service] = txt_strings(first)
                 targets = [
                     SrvTarget(
-                        instance.spec.priority,
-                        instance.spec.weight,
+                        (spec := instance.spec).priority,
+                        spec.weight,
                         port,
                         target,
-                        instance.spec.address,
-                        state.ttl(instance.spec.ttl),
+                        spec.address,
+                        state.ttl(spec.ttl),
                     )
                     for instance, port in pairs
-                    if state.legal(target := _label(name) + _label(instance.key.service) + base)
+                    if state.legal(target := label + _label(instance.key.service) + base)
                 ]
                 if not targets:
                     continue

@@ -399,34 +399,58 @@ class RecordSet:
         return len(self.keys)
 
     def put(self, key: Any, part: bytes, ttl: int, glue: tuple[bytes, bytes] | None = None) -> None:
-        at = bisect.bisect_left(self.keys, key)
-        if at < len(self.keys) and self.keys[at] == key:
-            self._count(at, -1)
-            self.parts[at], self.ttls[at], self.glue[at] = part, ttl, glue
+        keys = self.keys
+        if not keys or keys[-1] < key:  # past the last (a full load puts in key order)
+            keys.append(key)
+            self.parts.append(part)
+            self.ttls.append(ttl)
+            self.glue.append(glue)
         else:
-            self.keys.insert(at, key)
-            self.parts.insert(at, part)
-            self.ttls.insert(at, ttl)
-            self.glue.insert(at, glue)
-        self._count(at, 1)
+            at = bisect.bisect_left(keys, key)
+            if keys[at] == key:
+                self._subtract(self.parts[at], self.ttls[at])
+                self.parts[at], self.ttls[at], self.glue[at] = part, ttl, glue
+            else:
+                keys.insert(at, key)
+                self.parts.insert(at, part)
+                self.ttls.insert(at, ttl)
+                self.glue.insert(at, glue)
+        self._ttl_counts[ttl] += 1
+        size = len(part)
+        self._size_counts[size] += 1
+        self.total += 10 + size
+        if self._windows or self._whole:
+            self._changed()
+
+    def fill(self, entries: list[tuple[Any, bytes, int, tuple[bytes, bytes] | None]]) -> None:
+        """An empty set's records, (key, part, ttl, glue) in key order, set in one pass."""
+        assert not self.keys, "fill() is for an empty set"
+        if not entries:
+            return
+        keys, parts, ttls, glue = zip(*entries, strict=True)
+        self.keys, self.parts, self.ttls = list(keys), list(parts), list(ttls)
+        self.glue = list(glue)
+        self._ttl_counts = Counter(ttls)
+        sizes = list(map(len, parts))
+        self._size_counts = Counter(sizes)
+        self.total = 10 * len(sizes) + sum(sizes)
         self._changed()
 
     def remove(self, key: Any) -> None:
         at = bisect.bisect_left(self.keys, key)
         if at < len(self.keys) and self.keys[at] == key:
-            self._count(at, -1)
+            self._subtract(self.parts[at], self.ttls[at])
             del self.keys[at], self.parts[at], self.ttls[at], self.glue[at]
             self._changed()
 
-    def _count(self, at: int, step: int) -> None:
-        for counter, value in (
-            (self._ttl_counts, self.ttls[at]),
-            (self._size_counts, len(self.parts[at])),
-        ):
-            counter[value] += step
-            if not counter[value]:
+    def _subtract(self, part: bytes, ttl: int) -> None:
+        for counter, value in ((self._ttl_counts, ttl), (self._size_counts, len(part))):
+            left = counter[value] - 1
+            if left:
+                counter[value] = left
+            else:
                 del counter[value]
-        self.total += step * (10 + len(self.parts[at]))
+        self.total -= 10 + len(part)
 
     def _changed(self) -> None:
         self._windows.clear()
