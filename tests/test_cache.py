@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import dns.message
 from dns_support import DnsCache
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from discovery.dns.answers import MAX_PTR_TARGETS, DnsSettings
-from discovery.dns.records import Answer, turned
+from discovery.dns.records import A, Answer, RecordSet, turned
 from discovery.model import InstanceKey, Registration, encode_registration
 from discovery.registry import Registry
 from discovery.store.base import Event, EventType, KeyValue, Snapshot
@@ -153,3 +154,46 @@ async def test_a_writer_waits_for_its_own_revision_only() -> None:
     assert not await registry.reached(7, 0.01)  # a timeout says False
     registry.close()  # shutting down: every waiter answers now
     assert await asyncio.wait_for(asyncio.gather(*pending), 1) == [False]
+
+
+record_entries = st.dictionaries(
+    st.text("abcdefgh", min_size=1, max_size=3),
+    st.tuples(st.integers(1, 250), st.sampled_from([5, 30, 300])),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(record_entries, st.lists(st.text("abcdefgh", min_size=1, max_size=3), max_size=10),
+       st.randoms())  # fmt: skip
+def test_a_record_set_filled_at_once_equals_one_put_record_by_record(
+    entries: dict[str, tuple[int, int]], removed: list[str], random: Any
+) -> None:
+    """A full load fills each record set in one pass; changes put and remove one record at a
+    time, in any order: both give the same set and the same answers."""
+
+    def part(byte: int) -> bytes:
+        return b"\x00\x04" + bytes((10, 0, 0, byte))
+
+    kept = {name: value for name, value in entries.items() if name not in removed}
+    filled = RecordSet(A)
+    filled.fill([(name, part(b), ttl, None) for name, (b, ttl) in sorted(kept.items())])
+    one_by_one = RecordSet(A)
+    order = list(entries.items())
+    random.shuffle(order)
+    for name, (b, ttl) in order:
+        one_by_one.put(name, part((b + 1) % 256), 7)  # then replaced
+        one_by_one.put(name, part(b), ttl)
+    for name in removed:
+        one_by_one.remove(name)
+    for records in (filled, one_by_one):
+        assert records.keys == sorted(kept)
+    assert (filled.parts, filled.ttls, filled.glue, filled.total) == (
+        one_by_one.parts, one_by_one.ttls, one_by_one.glue, one_by_one.total
+    )
+    assert +filled._ttl_counts == +one_by_one._ttl_counts
+    assert +filled._size_counts == +one_by_one._size_counts
+    if kept:
+        assert filled.packed(40) == one_by_one.packed(40)
+        for qid in (0, 1, 7):
+            assert filled.window(qid, 100, 40) == one_by_one.window(qid, 100, 40)
