@@ -19,13 +19,16 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from dnsperf_compare import Procs
 from machine import SERVER_PYTHON
-from scale import PinnedEtcd, Registry, fill, log, start_server
+from scale import PinnedEtcd, Registry, _py_spy, fill, log, start_server
 from versus import commit_of, home
 
 
@@ -36,6 +39,7 @@ def main() -> int:
     parser.add_argument("--per-service", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4, help="fresh processes per side")
     parser.add_argument("--concurrency", type=int, default=200, help="etcd writes in flight")
+    parser.add_argument("--profile", type=Path, help="py-spy raw stacks: first loads")
     args = parser.parse_args()
     commit = commit_of(args.against)
     old_python = home(commit) / "venv" / "bin" / "python"
@@ -61,7 +65,25 @@ def main() -> int:
                     os.environ[SERVER_PYTHON] = sides[side]
                 else:
                     os.environ.pop(SERVER_PYTHON, None)
-                server = start_server(procs, etcd, work, f"{side.split()[0]}-{round_}")
+                profilers: list[subprocess.Popen[bytes]] = []
+                on_start = None
+                if args.profile and round_ < 2:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    out = args.profile / f"load-{side.split()[0]}.txt"
+
+                    def on_start(pid: int, out: Path = out, into: list[Any] = profilers) -> None:
+                        argv = [_py_spy() or "py-spy", "record", "--pid", str(pid), "--rate", "200",
+                                "--format", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
+                        into.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+
+                try:
+                    server = start_server(
+                        procs, etcd, work, f"{side.split()[0]}-{round_}", on_start=on_start
+                    )
+                finally:
+                    for profiler in profilers:
+                        profiler.send_signal(signal.SIGINT)
+                        profiler.wait()
                 procs.stop(server.proc)
                 if server.records != registry.instances:
                     raise RuntimeError(f"{side}: loaded {server.records} of {registry.instances}")
