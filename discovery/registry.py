@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .model import Instance, InstanceKey, decode_registration
+from .model import Instance, InstanceKey, decode_registration, instances_prefix
 from .net.records import Attachment, Block, Network, NetworkKeys, attachment_instance
 from .store.base import Event, EventType, KeyValue, Snapshot
 
@@ -288,8 +288,12 @@ class Registry:
         known = self._services.keys() | self._service_revision.keys()
         self._clear()
         changes = Changes(snapshot.revision)
+        instances = instances_prefix(self.prefix)
         for kv in snapshot.items:  # keys are unique in a snapshot: nothing to replace
-            self._put(kv, changes, fresh=True)
+            if kv.key.startswith(instances):
+                self._load_instance(kv, changes)
+            else:
+                self._put(kv, changes, fresh=True)
         # Every service known before or after may have changed: long polls on any wake.
         for service in known | self._services.keys():
             self._service_revision[service] = snapshot.revision
@@ -355,6 +359,32 @@ class Registry:
         self._instance_keys[kv.key] = key
         self._registered.setdefault(key.service_key, {})[key.name] = instance
         self._show(key, changes)
+
+    def _load_instance(self, kv: KeyValue, changes: Changes) -> None:
+        """_put_instance for a full load: the feeds are reset after it, so no change is
+        recorded, and nothing is shown under the name yet unless an attachment made it."""
+        key = InstanceKey.from_store_key(self.prefix, kv.key)
+        spec = decode_registration(kv.value) if key is not None else None
+        if key is None or spec is None:
+            log.warning("ignoring store key %r: not an instance record", kv.key)
+            return
+        instance = Instance(key, spec, kv.lease, kv.mod_revision)
+        self._instance_keys[kv.key] = key
+        service = key.service_key
+        registered = self._registered.get(service)
+        if registered is None:
+            registered = self._registered[service] = {}
+        registered[key.name] = instance
+        shown = self._services.get(service)
+        if shown is None:
+            shown = self._services[service] = {}
+        elif key.name in shown:  # derived from an attachment: the general path replaces it
+            self._show(key, changes)
+            return
+        shown[key.name] = instance
+        self._by_address.setdefault(spec.address, {})[key] = instance
+        counts = self._namespace_counts
+        counts[key.namespace] = counts.get(key.namespace, 0) + 1
 
     def _put_attachment(self, attachment: Attachment, changes: Changes) -> None:
         self._attachments.setdefault(attachment.network, {})[attachment.key] = attachment

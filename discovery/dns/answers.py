@@ -20,11 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from ..model import TXT_MAX, Instance, InstanceKey
+from ..model import TXT_MAX, Instance, InstanceKey, PortEntry
 from ..net.records import Attachment
 from .records import (
     AAAA,
     IN,
+    MAX_NAME,
     NS,
     PTR,
     RR,
@@ -391,6 +392,7 @@ class _Service:
         limit = state.settings.max_answers
         self.limit = limit
         self.bases = [(zone, _service_wire(service, zone)) for zone in state.forward]
+        self.legal = [legal_name(base) for _, base in self.bases]  # so <label>.<base> is
         self.addresses: dict[int, RecordSet] = {
             A: RecordSet(A, limit),
             AAAA: RecordSet(AAAA, limit),
@@ -450,12 +452,12 @@ class _Service:
         if not spec.ports:
             return found
         glue = glue_record(spec.address, ttl)
-        numbers = sorted({port.port for port in spec.ports})
-        named = sorted({(port.name, port.protocol, port.port) for port in spec.ports})
+        numbers, named = _port_lists(spec.ports)
         label = _label(name)
         for index, (_, base) in enumerate(self.bases):
             target = label + base
-            if not state.legal(target, len(numbers) + len(named)):
+            if not ((self.legal[index] and len(label) <= 64 and len(target) <= MAX_NAME)
+                    or state.legal(target, len(numbers) + len(named))):  # fmt: skip
                 continue
             parts = {n: srv_part(spec.priority, spec.weight, n, target) for n in numbers}
             pair = (target, glue)
@@ -515,6 +517,15 @@ class _Service:
         elif not self.held and self.ent:
             state.release(("service", self.service))
             self.ent = False
+
+
+@functools.lru_cache(maxsize=4096)  # instances of a service mostly have the same ports
+def _port_lists(
+    ports: tuple[PortEntry, ...],
+) -> tuple[tuple[int, ...], tuple[tuple[str, str, int], ...]]:
+    """The port numbers, and the (name, protocol, number) of the named ports, in order."""
+    numbers = tuple(sorted({port.port for port in ports}))
+    return numbers, tuple(sorted({(port.name, port.protocol, port.port) for port in ports}))
 
 
 def _stored(records: RecordSet, offset: int) -> tuple[Stored, tuple[int, ...]]:
@@ -599,10 +610,10 @@ class ReverseNames:
         reverse = _reverse_name(address)
         zone = state.zone_of(reverse)
         assert zone is not None
-        ttl = min(_holder_ttl(state, h) for h, _ in named)
         if len(named) == 1:
-            answer = Answer.pointers(ttl, [named[0][1]])
+            answer = Answer.pointers(_holder_ttl(state, named[0][0]), [named[0][1]])
         else:  # several targets share a suffix: the general encoder compresses them
+            ttl = min(_holder_ttl(state, h) for h, _ in named)
             records = tuple(RR(reverse, PTR, ttl, _holder_name(h, apex.name)) for h, _ in named)
             answer = Answer.build(reverse, records)
         wire = name_to_wire(reverse)
