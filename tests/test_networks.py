@@ -362,7 +362,9 @@ async def test_a_killed_node_loses_its_block_and_names_everywhere(
     etcd_server: EtcdServer, session: aiohttp.ClientSession
 ) -> None:
     endpoint = f"http://{etcd_server.endpoint[0]}:{etcd_server.endpoint[1]}"
-    node_ttl = 5
+    # the restart below must come back within the TTL: a process start takes several seconds
+    # on a loaded machine (with 5 s the lease sometimes ended first)
+    node_ttl = 10
     async with replica(etcd_server.endpoint, session, node="n1") as a:
         await synced(a)
         await put_network(a, node_prefix=24)
