@@ -512,8 +512,7 @@ class Ipam:
             return await self._allocate_alone(network, block, container_id, ifname, name, request)
         if written is ATTACHED:
             return None  # attach() answers the attachment there is
-        address, revision = written
-        await self._visible(revision)
+        address, revision = written  # visible here already (the group waited for it)
         return self._attached(
             network, block, container_id, ifname, name, request, address, revision
         )
@@ -599,17 +598,17 @@ class Ipam:
             if isinstance(error, Exception):
                 return later  # each caller has the error
             raise
-        if result.succeeded and last is not None:
-            self._cursor[block.cidr] = last
-        for claim, address in members:
-            if not claim.done.done():
-                claim.done.set_result((address, result.revision) if result.succeeded else None)
-        if result.succeeded:
-            # the addresses stay taken for the next group until this replica's registry
-            # shows them
-            await self._visible(result.revision)
-        for _, address in members:
-            self._trying.discard((network.name, address))
+        try:
+            if result.succeeded and last is not None:
+                self._cursor[block.cidr] = last
+                # one wait for the whole group; and the addresses stay taken for the next
+                # group until this replica's registry shows them
+                await self._visible(result.revision)
+        finally:
+            for claim, address in members:
+                self._trying.discard((network.name, address))
+                if not claim.done.done():
+                    claim.done.set_result((address, result.revision) if result.succeeded else None)
         return later
 
     def _exhausted(self, network: Network, block: Block) -> IpamError:

@@ -150,7 +150,7 @@ async def delete_network(request: web.Request) -> web.Response:
 async def put_attachment(request: web.Request) -> web.Response:
     ipam = _ipam(request)
     network, container_id, ifname = _attachment_path(request)
-    raw = await read_body(request)
+    raw = await read_body(request) if request.body_exists else b""
     body = (
         AttachmentRequest()
         if not raw.strip()
