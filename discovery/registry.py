@@ -349,27 +349,31 @@ class Registry:
         if kind != "instances":
             log.warning("ignoring store key %r: not a record of this version", kv.key)
 
-    def _put_instance(self, kv: KeyValue, changes: Changes) -> None:
+    def _decode_instance(self, kv: KeyValue) -> Instance | None:
+        """The instance an instances/ key holds; None (logged) for one this version cannot read."""
         key = InstanceKey.from_store_key(self.prefix, kv.key)
         spec = decode_registration(kv.value) if key is not None else None
         if key is None or spec is None:
             log.warning("ignoring store key %r: not an instance record", kv.key)
-            return
-        instance = Instance(key, spec, kv.lease, kv.mod_revision)
+            return None
         self._instance_keys[kv.key] = key
+        return Instance(key, spec, kv.lease, kv.mod_revision)
+
+    def _put_instance(self, kv: KeyValue, changes: Changes) -> None:
+        instance = self._decode_instance(kv)
+        if instance is None:
+            return
+        key = instance.key
         self._registered.setdefault(key.service_key, {})[key.name] = instance
         self._show(key, changes)
 
     def _load_instance(self, kv: KeyValue, changes: Changes) -> None:
         """_put_instance for a full load: the feeds are reset after it, so no change is
         recorded, and nothing is shown under the name yet unless an attachment made it."""
-        key = InstanceKey.from_store_key(self.prefix, kv.key)
-        spec = decode_registration(kv.value) if key is not None else None
-        if key is None or spec is None:
-            log.warning("ignoring store key %r: not an instance record", kv.key)
+        instance = self._decode_instance(kv)
+        if instance is None:
             return
-        instance = Instance(key, spec, kv.lease, kv.mod_revision)
-        self._instance_keys[kv.key] = key
+        key = instance.key
         service = key.service_key
         registered = self._registered.get(service)
         if registered is None:
@@ -382,7 +386,7 @@ class Registry:
             self._show(key, changes)
             return
         shown[key.name] = instance
-        self._by_address.setdefault(spec.address, {})[key] = instance
+        self._by_address.setdefault(instance.spec.address, {})[key] = instance
         counts = self._namespace_counts
         counts[key.namespace] = counts.get(key.namespace, 0) + 1
 
